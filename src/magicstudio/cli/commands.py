@@ -1,0 +1,6 @@
+"""Imports every command module so each registers its commands on ``main.app``."""
+
+from . import prepare  # noqa: F401
+from . import models  # noqa: F401
+from . import capture  # noqa: F401
+from . import demo  # noqa: F401
