@@ -1,0 +1,16 @@
+"""Losses: one function per paper equation; each docstring cites its equation."""
+
+from .attention import attention_outside, attention_refocusing_loss, attention_spill, minmax_scale
+from .identity import identity_loss, tweedie_x0
+from .reconstruction import denoising_loss, masked_denoising_loss
+
+__all__ = [
+    "attention_outside",
+    "attention_refocusing_loss",
+    "attention_spill",
+    "minmax_scale",
+    "identity_loss",
+    "tweedie_x0",
+    "denoising_loss",
+    "masked_denoising_loss",
+]
