@@ -1,0 +1,81 @@
+"""``magicstudio capture train|generate``: MagiCapture from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .main import app
+
+capture_app = typer.Typer(help="MagiCapture: learn a person <v1> and a style <v2>, then compose them.", no_args_is_help=True)
+app.add_typer(capture_app, name="capture")
+
+
+@capture_app.command("train")
+def train_cmd(
+    source: Path = typer.Option(..., "--source", help="Folder of 4-6 photos of the person (raw, or made by 'prepare')."),
+    reference: Path = typer.Option(..., "--reference", help="Folder of 4-6 photos of the style (raw or prepared)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (or to resume with --resume)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model: tiny, a hub id, a diffusers folder or a .safetensors file."),
+    preset: str = typer.Option("paper", "--preset", help="paper | official | smoke."),
+    ti_steps: Optional[int] = typer.Option(None, "--ti-steps", help="Phase 1 (textual inversion) steps."),
+    lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="Phase 2 (LoRA) steps."),
+    no_ar: bool = typer.Option(False, "--no-ar", help="Without the Attention Refocusing loss (ablation)."),
+    no_composed: bool = typer.Option(False, "--no-composed", help="Without composed prompt learning (ablation)."),
+    no_id: bool = typer.Option(False, "--no-id", help="Without the identity loss."),
+    face_encoder: Optional[str] = typer.Option(None, "--face-encoder", help="ArcFace weights (backbone.pth or .safetensors) for the identity loss."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size (default: the model's)."),
+    mode: str = typer.Option("portrait", "--mode", help="portrait, or object (the supplement's general-object variant)."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    cache_latents: bool = typer.Option(False, "--cache-latents", help="Encode images once (turns colour jitter off)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train MagiCapture (phase 1 textual inversion, phase 2 LoRA + embeddings) into a run folder."""
+    from ..methods.magicapture import make_config, run_training
+
+    overrides = dict(model=model, ti_steps=ti_steps, lora_steps=lora_steps, face_encoder=face_encoder,
+                     resolution=resolution, mode=mode, mixed_precision=mixed_precision, seed=seed,
+                     checkpoint_every=checkpoint_every)
+    if no_ar:
+        overrides["use_ar"] = False
+    if no_composed:
+        overrides["use_composed"] = False
+    if no_id:
+        overrides["use_id"] = False
+    if gradient_checkpointing:
+        overrides["gradient_checkpointing"] = True
+    if cache_latents:
+        overrides["cache_latents"] = True
+    cfg = make_config(preset, **overrides)
+    run = run_training(source, reference, out, cfg, resume=resume, progress=not quiet)
+    if not quiet:
+        typer.echo(f"run folder: {run.path}  (LoRA: pytorch_lora_weights.safetensors, tokens: embeddings/, "
+                   f"A1111/ComfyUI: a1111/, metrics: metrics.jsonl)")
+
+
+@capture_app.command("generate")
+def generate_cmd(
+    run: Path = typer.Argument(..., help="A finished run folder."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Default: 'a photo of a <v1> person in the style of <v2>'."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt."),
+    num_images: int = typer.Option(4, "--num-images", "-n"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(50, "--steps"),
+    guidance: float = typer.Option(7.5, "--guidance"),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | euler_a | euler | dpmpp_2m | pndm."),
+    save_attention: bool = typer.Option(False, "--save-attention", help="Also write <v1>/<v2> attention heatmaps."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Default: RUN/generated."),
+    model: Optional[str] = typer.Option(None, "--model", help="Override the run's base model (same architecture)."),
+) -> None:
+    """Generate portraits from a trained run (PNG files carry their parameters, A1111-style)."""
+    from ..methods.magicapture.generate import generate
+
+    paths = generate(run, out, prompt, negative, num_images, seed, steps, guidance, scheduler, save_attention,
+                     model=model)
+    typer.echo(f"wrote {len(paths)} image(s) to {paths[0].parent}")

@@ -1,0 +1,81 @@
+"""Generation from a MagiCapture run with plain diffusers loading (``load_lora_weights`` +
+``load_textual_inversion``): what the run folder gives any diffusers user, magicstudio uses itself."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from ...errors import UserError
+from ...models.base import load_base
+from ..export import load_run_into_pipeline
+from ..runs import RunDir
+from ..sampling import AttentionRecorder, a1111_parameters, heatmap_overlay, image_grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+def load_run_pipeline(run_dir: str | Path, scheduler: str = "ddim", model: str | None = None):
+    """A ``StableDiffusionPipeline`` with the run's LoRA and tokens loaded; returns (pipe, config, tokens)."""
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    if not run.is_done():
+        raise UserError(f"{run.path} has not finished training (no DONE marker); resume it with 'capture train --resume'")
+    comps = load_base(model or cfg["model"], seed=int(cfg.get("model_seed", 0)))
+    pipe = comps.pipeline(scheduler=comps.inference_scheduler(scheduler))
+    tokens = load_run_into_pipeline(pipe, run.path)
+    return pipe, cfg, tokens
+
+
+def default_prompt(cfg: dict) -> str:
+    from .config import COMPOSED_TEMPLATES, OBJECT_COMPOSED_TEMPLATES
+
+    t = OBJECT_COMPOSED_TEMPLATES[0] if cfg.get("mode") == "object" else COMPOSED_TEMPLATES[0]
+    return t.format(v1=cfg["v1"], v2=cfg["v2"], cls=cfg.get("object_class", "object"))
+
+
+def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str | None = None, negative: str = "",
+             num_images: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5, scheduler: str = "ddim",
+             save_attention: bool = False, size: int | None = None, model: str | None = None) -> list[Path]:
+    """Generate ``num_images`` PNGs (one seed each: ``seed``, ``seed+1``, ...) into ``out_dir``."""
+    if num_images < 1 or steps < 1:
+        raise UserError("--num-images and --steps must be at least 1")
+    pipe, cfg, tokens = load_run_pipeline(run_dir, scheduler, model)
+    prompt = prompt or default_prompt(cfg)
+    missing_tokens = [t for t in tokens if t not in prompt]
+    if len(missing_tokens) == len(tokens):
+        log.warning("the prompt uses none of the run's tokens (%s)", ", ".join(tokens))
+    for bad in re.findall(r"<[^<>\s]+>", prompt):
+        if bad not in tokens:
+            raise UserError(f"the prompt names {bad}, which this run did not learn (it has {', '.join(tokens)})")
+    size = size or int(cfg.get("resolution") or 512)
+    out = Path(out_dir or Path(run_dir) / "generated")
+    out.mkdir(parents=True, exist_ok=True)
+    token_ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    paths = []
+    for i in range(num_images):
+        s = seed + i
+        g = torch.Generator().manual_seed(s)
+        kwargs = dict(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                      guidance_scale=guidance, height=size, width=size, generator=g)
+        if save_attention:
+            recorder = AttentionRecorder(pipe, token_ids, "all")
+            ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            recorder.set_prompt_ids(ids, n_uncond=1 if guidance > 1 else 0)
+            with recorder:
+                image = pipe(**kwargs, callback_on_step_end=recorder.callback).images[0]
+        else:
+            image = pipe(**kwargs).images[0]
+        params = a1111_parameters(prompt, negative, steps, scheduler, guidance, s, (size, size), str(cfg["model"]),
+                                  {"Run": Path(run_dir).name})
+        path = save_png(image, out / f"{i:03d}-seed{s}.png", params)
+        paths.append(path)
+        if save_attention:
+            heat = recorder.maps()[0]
+            panels = [image] + [heatmap_overlay(image, heat[..., k]) for k in range(len(tokens))]
+            image_grid(panels, cols=len(panels)).save(out / f"{i:03d}-seed{s}-attention.png")
+    return paths

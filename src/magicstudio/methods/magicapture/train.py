@@ -1,0 +1,337 @@
+"""MagiCapture training (arXiv 2309.06895), readable top to bottom.
+
+Phase 1, textual inversion (Eq. 9): only the ``<v1>``/``<v2>`` embeddings train, on the source task (source
+image, source prompt, face mask; Eq. 4) and the reference task (reference image, reference prompt, non-face
+mask; Eq. 5).
+
+Phase 2, LoRA + embeddings (Eq. 10): L_s + L_r + L_c + l_id * L_id + l_attn * L_attn, each micro-step drawing
+one of three tasks in equal proportion; the composed task (Eq. 6) uses the reference image as pseudo-label
+under a composed prompt with the non-face mask, plus the identity loss (Eq. 7) on the face of the Tweedie
+estimate x0_hat; Attention Refocusing (Eq. 8) steers the special tokens' cross-attention in every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from ...attention.capture import AttentionStore, install_capture, select_layers, stack_token_maps
+from ...losses import (attention_outside, attention_refocusing_loss, attention_spill, identity_loss,
+                       masked_denoising_loss, tweedie_x0)
+from ...models.face_align import align_faces
+from ...models.tokens import TokenSpec, add_placeholder_tokens, make_trainable, token_vectors
+from ..concepts import ConceptSet, augment
+from ..lora import lora_config, lora_parameters
+from ..runs import RunDir
+from ..training import Phase, StepOutput
+from . import config as C
+
+log = logging.getLogger(__name__)
+
+TASKS_TI = ("source", "reference")
+TASKS_LORA = ("source", "reference", "composed")
+
+
+class MagiCapture:
+    def __init__(self, cfg: C.CaptureConfig, comps, source: ConceptSet, reference: ConceptSet, face_encoder=None,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.comps, self.device = cfg, comps, torch.device(device)
+        self.source, self.reference = source, reference
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)  # unused for sampling; kept for template variety in validation
+        comps.to(self.device)
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            m.requires_grad_(False)
+        # placeholder tokens (one place for all methods)
+        init_gen = torch.Generator().manual_seed(cfg.seed + 7)
+        self.token_ids = add_placeholder_tokens(
+            comps.tokenizer, comps.text_encoder,
+            [TokenSpec(cfg.v1, cfg.v1_init), TokenSpec(cfg.v2, cfg.v2_init)], generator=init_gen)
+        self.embedding = make_trainable(comps.text_encoder, self.token_ids)
+        self.embedding.to(self.device)
+        # attention capture on the chosen cross-attention layers (SDPA elsewhere)
+        self.store = AttentionStore()
+        self.ar_layers = select_layers(comps.unet, cfg.ar_layers)
+        install_capture(comps.unet, self.store, self.ar_layers)
+        if cfg.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+        self.latent_size = cfg.resolution // comps.vae_scale
+        self.alphas_cumprod = comps.scheduler.alphas_cumprod.to(self.device)
+        # identity loss (Eq. 7): mean source identity embedding, computed once
+        self.face_encoder = face_encoder
+        self.source_identity = None
+        if cfg.use_id and cfg.mode == "portrait":
+            if face_encoder is None:
+                log.warning("identity loss (Eq. 7) is OFF: no face-recognition weights were given (--face-encoder PATH)")
+            else:
+                self.source_identity = self._source_identity()
+        self._cache = self._cache_latents() if cfg.cache_latents else None
+
+    # ------------------------------------------------------------------ setup
+    def phases(self) -> list[Phase]:
+        cfg = self.cfg
+        return [
+            Phase("textual_inversion", cfg.ti_steps, self._setup_ti, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip),
+            Phase("lora", cfg.lora_steps, self._setup_lora, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip),
+        ]
+
+    def _setup_ti(self) -> list[dict]:
+        return [{"params": [self.embedding.rows], "lr": self.cfg.ti_lr}]
+
+    def _setup_lora(self) -> list[dict]:
+        cfg, unet, te = self.cfg, self.comps.unet, self.comps.text_encoder
+        with torch.random.fork_rng(devices=[]):  # LoRA init must not depend on where a run was resumed
+            torch.manual_seed(cfg.seed + 11)
+            if not getattr(unet, "peft_config", None):
+                unet.add_adapter(lora_config(cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha))
+            if cfg.text_lora and not getattr(te, "peft_config", None):
+                te.add_adapter(lora_config("text_attn", cfg.lora_rank, cfg.lora_alpha))
+        unet.to(self.device), te.to(self.device)
+        params = lora_parameters(unet) + (lora_parameters(te) if cfg.text_lora else [])
+        return [{"params": params, "lr": cfg.lora_lr}, {"params": [self.embedding.rows], "lr": cfg.emb_lr}]
+
+    # ------------------------------------------------------------------ data
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.comps.vae
+        with torch.no_grad():
+            dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
+            return dist.sample(generator=self.generator) * vae.config.scaling_factor
+
+    def _cache_latents(self) -> dict:
+        """Latent moments of every image and its mirror (colour jitter is then off: it would change them)."""
+        cache = {}
+        vae = self.comps.vae
+        with torch.no_grad():
+            for name, concept in (("source", self.source), ("reference", self.reference)):
+                for flip in (False, True):
+                    imgs = concept.images.flip(-1) if flip else concept.images
+                    dist = vae.encode(imgs.to(self.device, vae.dtype)).latent_dist
+                    cache[(name, flip)] = (dist.mean, dist.std)
+        return cache
+
+    def _draw(self, concept_name: str):
+        """One augmented training example of ``concept_name``: latent, face mask, landmarks, box."""
+        concept = self.source if concept_name == "source" else self.reference
+        i = int(torch.randint(len(concept), (1,), generator=self.generator))
+        sl = slice(i, i + 1)
+        if self._cache is None:
+            img, mask, lm, box = augment(concept.images[sl], concept.face_masks[sl], concept.landmarks[sl],
+                                         concept.boxes[sl], self.generator, self.cfg.hflip, self.cfg.color_jitter)
+            latents = self._encode(img)
+        else:
+            flip = self.cfg.hflip and bool(torch.rand(1, generator=self.generator) < 0.5)
+            img, mask, lm, box = augment(concept.images[sl], concept.face_masks[sl], concept.landmarks[sl],
+                                         concept.boxes[sl], self.generator, hflip=False, jitter=0.0)
+            if flip:
+                img, mask = img.flip(-1), mask.flip(-1)
+                lm = lm[:, [1, 0, 2, 4, 3]]
+                lm[..., 0] = (img.shape[-1] - 1) - lm[..., 0]
+                box = torch.stack([img.shape[-1] - box[:, 2], box[:, 1], img.shape[-1] - box[:, 0], box[:, 3]], 1)
+            mean, std = self._cache[(concept_name, flip)]
+            noise = torch.randn(mean[sl].shape, generator=self.generator).to(mean)
+            latents = (mean[sl] + std[sl] * noise) * self.comps.vae.config.scaling_factor
+        return latents, mask.to(self.device), lm, box, i
+
+    def _prompt(self, task: str) -> str:
+        cfg = self.cfg
+        obj = cfg.mode == "object"
+        templates = {
+            "source": C.OBJECT_SOURCE_TEMPLATES if obj else C.SOURCE_TEMPLATES,
+            "reference": C.OBJECT_REFERENCE_TEMPLATES if obj else C.REFERENCE_TEMPLATES,
+            "composed": C.OBJECT_COMPOSED_TEMPLATES if obj else C.COMPOSED_TEMPLATES,
+        }[task]
+        k = int(torch.randint(len(templates), (1,), generator=self.generator))
+        return templates[k].format(v1=cfg.v1, v2=cfg.v2, cls=cfg.object_class)
+
+    def _encode_prompt(self, prompt: str):
+        tok = self.comps.tokenizer
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        positions = []
+        for tid in self.token_ids:
+            hits = (ids[0] == tid).nonzero().flatten()
+            positions.append(int(hits[0]) if len(hits) else -1)
+        return self.comps.text_encoder(ids)[0], torch.tensor([positions])
+
+    # ------------------------------------------------------------------ one micro-step
+    def micro_step(self, phase: str, step: int) -> StepOutput:
+        cfg = self.cfg
+        tasks = TASKS_TI if phase == "textual_inversion" else (TASKS_LORA if cfg.use_composed else TASKS_TI)
+        task = tasks[int(torch.randint(len(tasks), (1,), generator=self.generator))]
+        concept = "source" if task == "source" else "reference"
+        z0, face, lm, box, _ = self._draw(concept)
+        size = self.latent_size
+        face_lat = F.interpolate(face.float(), size=(size, size), mode="nearest")  # METHODS.md: nearest
+        if task == "source":
+            mask = face_lat  # Eq. 4: face region of the source
+        elif cfg.mode == "object" and task == "reference":
+            mask = torch.ones_like(face_lat)  # supplement: reference reconstructed without a mask
+        else:
+            mask = 1 - face_lat  # Eqs. 5, 6: non-face region of the reference
+        t_max = cfg.ti_t_max if phase == "textual_inversion" else cfg.lora_t_max
+        use_id = (task == "composed" and self.source_identity is not None and bool(torch.isfinite(box).all()))
+        if use_id and cfg.id_pass == "shared":
+            t_max = min(t_max, cfg.t_id_max)  # one pass serves L_c and L_id: t ~ U[0, T')
+        noise = torch.randn(z0.shape, generator=self.generator).to(z0)
+        t = torch.randint(0, t_max, (z0.shape[0],), generator=self.generator).to(self.device)
+        z_t = self.comps.scheduler.add_noise(z0, noise, t.cpu()).to(z0)
+        emb, positions = self._encode_prompt(self._prompt(task))
+        self.store.reset()
+        self.store.token_index = positions
+        pred = self.comps.unet(z_t, t, emb).sample
+        target = noise if self.comps.prediction_type == "epsilon" else self.comps.scheduler.get_velocity(z0, noise, t.cpu())
+        rec = masked_denoising_loss(pred, target, mask, cfg.mask_mode)
+        terms = {f"loss_{task}": rec.item()}
+        loss = rec
+
+        # Attention Refocusing (Eq. 8): which token is held to which mask in this task
+        maps = stack_token_maps(self.store, size)  # (L, B, heads, S, S, K)
+        targets = {"source": [(0, face_lat)], "reference": [(1, 1 - face_lat)],
+                   "composed": [(0, face_lat), (1, 1 - face_lat)]}[task]
+        if cfg.mode == "object":
+            targets = [(k, m) for k, m in targets if k == 0]  # the style token has no spatial target for objects
+        ar_terms = []
+        for k, m in targets:
+            if int(positions[0, k]) < 0 or m.sum() == 0 or (1 - m).sum() == 0:
+                continue  # token absent, or an empty/full mask (a faceless reference): nothing to measure
+            token_maps = maps[..., k]
+            name = ("v1", "v2")[k]
+            terms[f"attn_spill_{name}"] = attention_spill(token_maps.detach(), m).mean().item()
+            terms[f"attn_outside_{name}"] = attention_outside(token_maps.detach(), m).mean().item()
+            if phase == "lora" and cfg.use_ar:
+                ar_terms.append(attention_refocusing_loss(token_maps, m))
+        if ar_terms:
+            l_attn = torch.stack(ar_terms).mean()
+            loss = loss + cfg.lambda_attn * l_attn
+            terms["loss_attn"] = l_attn.item()
+
+        # Identity loss (Eq. 7) on the composed task
+        if use_id and phase == "lora":
+            if cfg.id_pass == "separate":
+                t_id = torch.randint(0, cfg.t_id_max, (1,), generator=self.generator).to(self.device)
+                n2 = torch.randn(z0.shape, generator=self.generator).to(z0)
+                z_id = self.comps.scheduler.add_noise(z0, n2, t_id.cpu()).to(z0)
+                self.store.active = False
+                out_id = self.comps.unet(z_id, t_id, emb).sample
+                self.store.active = True
+            else:
+                z_id, t_id, out_id = z_t, t, pred
+            z0_hat = tweedie_x0(z_id, out_id, self.alphas_cumprod, t_id, self.comps.prediction_type)
+            l_id = self._identity(z0_hat, lm, box)
+            if l_id is not None:
+                loss = loss + cfg.lambda_id * l_id
+                terms["loss_id"] = l_id.item()
+        terms["loss"] = loss.item()
+        return StepOutput(loss, terms, task)
+
+    # ------------------------------------------------------------------ identity
+    def _face_region(self, box: torch.Tensor) -> tuple[int, int, int, int]:
+        """Latent window (y0, y1, x0, x1) around a face box, square with a margin, clamped to the latent."""
+        scale, size = self.comps.vae_scale, self.latent_size
+        x0, y0, x1, y1 = box.tolist()
+        side = max(x1 - x0, y1 - y0) * 1.6 / scale
+        side = int(min(size, max(4, round(side))))
+        cx, cy = (x0 + x1) / 2 / scale, (y0 + y1) / 2 / scale
+        lx = int(min(max(0, round(cx - side / 2)), size - side))
+        ly = int(min(max(0, round(cy - side / 2)), size - side))
+        return ly, ly + side, lx, lx + side
+
+    def decode_face(self, z0_hat: torch.Tensor, box: torch.Tensor, region: bool = True):
+        """Decode the face of ``z0_hat`` (only the latent window around ``box`` when ``region``)."""
+        vae, scale = self.comps.vae, self.comps.vae_scale
+        if region:
+            y0, y1, x0, x1 = self._face_region(box)
+            z = z0_hat[:, :, y0:y1, x0:x1]
+            offset = torch.tensor([x0 * scale, y0 * scale], dtype=torch.float32)
+        else:
+            z, offset = z0_hat, torch.zeros(2)
+        image = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+        return image, offset
+
+    def _identity(self, z0_hat: torch.Tensor, lm: torch.Tensor, box: torch.Tensor):
+        image, offset = self.decode_face(z0_hat, box[0], self.cfg.id_region_decode)
+        landmarks = (lm - offset).to(self.device)
+        if self.cfg.id_landmarks == "detect":
+            landmarks = self._detect_landmarks(image)
+            if landmarks is None:
+                return None  # authors: skip the loss when no face is found
+        aligned = align_faces(image.clamp(-1, 1), landmarks, self.face_encoder.input_size)
+        return identity_loss(self.face_encoder.embed(aligned), self.source_identity)
+
+    def _detect_landmarks(self, image: torch.Tensor):
+        from ...data.faces import MediapipeFaceAnalyzer
+
+        if not hasattr(self, "_analyzer"):
+            self._analyzer = MediapipeFaceAnalyzer()
+        arr = ((image[0].detach().clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()
+        face = self._analyzer.main_face(arr)
+        if face is None:
+            return None
+        return torch.tensor(face.landmarks5, dtype=torch.float32, device=self.device)[None]
+
+    def _source_identity(self) -> torch.Tensor:
+        src = self.source
+        keep = src.has_face & torch.isfinite(src.landmarks).all(-1).all(-1)
+        if not bool(keep.any()):
+            from ...errors import UserError
+
+            raise UserError("the identity loss needs faces in the source images, and none has landmarks")
+        with torch.no_grad():
+            aligned = align_faces(src.images[keep].to(self.device), src.landmarks[keep].to(self.device),
+                                  self.face_encoder.input_size)
+            emb = self.face_encoder.embed(aligned).mean(0)
+        return F.normalize(emb, dim=0)
+
+    # ------------------------------------------------------------------ state, samples, outputs
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        state = {"embedding.rows": self.embedding.rows.detach().clone()}
+        if getattr(self.comps.unet, "peft_config", None):
+            state.update({f"unet.{k}": v for k, v in get_peft_model_state_dict(self.comps.unet).items()})
+        if self.cfg.text_lora and getattr(self.comps.text_encoder, "peft_config", None):
+            state.update({f"text.{k}": v for k, v in get_peft_model_state_dict(self.comps.text_encoder).items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        with torch.no_grad():
+            self.embedding.rows.copy_(state["embedding.rows"])
+        for prefix, module in (("unet.", self.comps.unet), ("text.", self.comps.text_encoder)):
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if sub and getattr(module, "peft_config", None):
+                set_peft_model_state_dict(module, sub)
+
+    def composed_prompt(self) -> str:
+        t = C.OBJECT_COMPOSED_TEMPLATES[0] if self.cfg.mode == "object" else C.COMPOSED_TEMPLATES[0]
+        return t.format(v1=self.cfg.v1, v2=self.cfg.v2, cls=self.cfg.object_class)
+
+    @torch.no_grad()
+    def sample(self, run: RunDir, step: int, n: int = 2) -> None:
+        from ..sampling import image_grid
+
+        pipe = self.comps.pipeline()
+        self.store.active = False
+        try:
+            g = torch.Generator().manual_seed(self.cfg.seed)
+            images = pipe(self.composed_prompt(), num_images_per_prompt=n, num_inference_steps=self.cfg.sample_steps,
+                          height=self.cfg.resolution, width=self.cfg.resolution, generator=g,
+                          guidance_scale=7.5).images
+        finally:
+            self.store.active = True
+        image_grid(images).save(run.samples / f"step-{step:06d}.png")
+
+    def finalize(self, run: RunDir) -> None:
+        from ..export import export_a1111, save_embeddings, save_lora
+
+        self.sample(run, self.cfg.total_steps)
+        vectors = token_vectors(self.comps.text_encoder, self.token_ids)
+        save_embeddings(run.path, self.cfg.tokens(), vectors)
+        if getattr(self.comps.unet, "peft_config", None):
+            save_lora(run.path, self.comps.unet, self.comps.text_encoder if self.cfg.text_lora else None)
+        export_a1111(run.path)

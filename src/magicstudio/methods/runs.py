@@ -1,0 +1,139 @@
+"""The run folder: the contract between training, generation, exports, evaluation and the UI.
+
+    RUN/config.yaml                        every resolved setting, the base model, the token strings
+    RUN/metrics.jsonl                      one JSON object per optimizer step
+    RUN/samples/                           validation grids during training
+    RUN/checkpoints/step-000100/           resumable state (safetensors + json), last K kept
+    RUN/pytorch_lora_weights.safetensors   diffusers LoRA (``pipe.load_lora_weights(RUN)``)
+    RUN/embeddings/<token>.safetensors     one textual-inversion file per token
+    RUN/a1111/                             kohya LoRA + A1111 embeddings
+    RUN/logs/                              TensorBoard
+    RUN/DONE                               written last: the run finished
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..io import atomic_write
+from .state import load_state, save_state
+
+CKPT_PREFIX = "step-"
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # -- layout
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.path / "embeddings"
+
+    @property
+    def done_path(self) -> Path:
+        return self.path / "DONE"
+
+    def is_done(self) -> bool:
+        return self.done_path.is_file()
+
+    def create(self) -> "RunDir":
+        for p in (self.path, self.checkpoints, self.samples, self.embeddings):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- config
+    def write_config(self, config: Any) -> None:
+        data = asdict(config) if is_dataclass(config) else dict(config)
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        atomic_write(self.config_path, lambda p: p.write_text(text))
+
+    def read_config(self) -> dict:
+        if not self.config_path.is_file():
+            raise UserError(f"{self.path} is not a magicstudio run (no config.yaml)")
+        return yaml.safe_load(self.config_path.read_text()) or {}
+
+    # -- metrics
+    def log_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        out = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: ignore it
+                continue
+        return out
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop records after ``last_step`` (they belong to work lost since the checkpoint)."""
+        keep = [r for r in self.read_metrics() if int(r.get("step", 0)) <= last_step]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        atomic_write(self.metrics_path, lambda p: p.write_text(text))
+
+    # -- checkpoints
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints.iterdir():
+            if p.is_dir() and p.name.startswith(CKPT_PREFIX) and (p / "COMPLETE").is_file():
+                try:
+                    found.append((int(p.name[len(CKPT_PREFIX):]), p))
+                except ValueError:
+                    continue
+        return sorted(found)
+
+    def latest_checkpoint(self) -> tuple[int, Path] | None:
+        ckpts = self.list_checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def save_checkpoint(self, step: int, state: dict, keep: int = 2) -> Path:
+        """Write ``checkpoints/step-N`` atomically (temp dir + rename) and keep the last ``keep``."""
+        final = self.checkpoints / f"{CKPT_PREFIX}{step:06d}"
+        tmp = self.checkpoints / f".tmp-{CKPT_PREFIX}{step:06d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_state(tmp / "state", state)
+        (tmp / "COMPLETE").write_text(str(step))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in self.list_checkpoints()[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.checkpoints.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> dict:
+        return load_state(path / "state")

@@ -1,0 +1,211 @@
+"""The training loop every method shares: phases, accumulation, checkpoints, resume, logging.
+
+A method gives a list of ``Phase`` objects and implements ``TrainableMethod``; ``train`` runs the phases in
+order under accelerate (device placement, mixed precision, multi-GPU launch), writes one ``metrics.jsonl``
+record per optimizer step, checkpoints atomically every N steps (keeping the last K), resumes from the latest
+checkpoint with the saved optimizer and RNG state, and stops on a non-finite loss keeping the last good
+checkpoint. Same seed on CPU -> identical weights, with or without an interruption in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from ..errors import UserError
+from .runs import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Phase:
+    name: str
+    steps: int
+    setup: Callable[[], list[dict]]  # prepares the modules for this phase; returns optimizer param groups
+    lr_schedule: str = "constant"  # or "linear" (decay to 0 over the phase)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+    task: str = ""
+
+
+class TrainableMethod(Protocol):
+    generator: torch.Generator
+
+    def phases(self) -> list[Phase]: ...
+
+    def micro_step(self, phase: str, step: int) -> StepOutput: ...
+
+    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def sample(self, run: RunDir, step: int) -> None: ...
+
+    def finalize(self, run: RunDir) -> None: ...
+
+
+def _lr_lambda(kind: str, steps: int):
+    if kind == "constant":
+        return lambda i: 1.0
+    if kind == "linear":
+        return lambda i: max(0.0, 1.0 - i / max(1, steps))
+    raise UserError(f"unknown learning-rate schedule {kind!r} (use constant or linear)")
+
+
+def _phase_at(phases: list[Phase], step: int) -> tuple[int, int]:
+    """(phase index, phase start) of global optimizer step ``step``."""
+    start = 0
+    for i, ph in enumerate(phases):
+        if step < start + ph.steps:
+            return i, start
+        start += ph.steps
+    return len(phases), start
+
+
+class _Progress:
+    """A rich progress bar on a terminal, periodic log lines otherwise."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+        self.last_print = 0.0
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=total, completed=done)
+
+    def update(self, step: int, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=text)
+        elif self.enabled and (time.time() - self.last_print > 10 or step == self.total):
+            self.last_print = time.time()
+            print(f"[{step}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(method: TrainableMethod, run: RunDir, *, grad_accum: int = 1, checkpoint_every: int = 100,
+          keep_checkpoints: int = 2, sample_every: int = 0, resume: bool = False, mixed_precision: str = "no",
+          log_every: int = 1, progress: bool = True, accelerator=None, tensorboard: bool = True) -> int:
+    """Run all phases of ``method`` into ``run``; returns the number of optimizer steps taken now."""
+    from accelerate import Accelerator
+
+    phases = method.phases()
+    total = sum(p.steps for p in phases)
+    accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    step, saved = 0, None
+    latest = run.latest_checkpoint()
+    if resume and latest is not None:
+        saved = run.load_checkpoint(latest[1])
+        step = int(saved["step"])
+        run.truncate_metrics(step)
+        log.info("resuming %s at step %d", run.path, step)
+    elif latest is not None:
+        raise UserError(f"{run.path} already has checkpoints; pass --resume to continue it, or choose another --out")
+    if step >= total:
+        return 0
+
+    writer = _tensorboard(run) if tensorboard and accelerator.is_main_process else None
+    bar = _Progress(total, step, progress and accelerator.is_main_process)
+    first = step
+    try:
+        while step < total:
+            index, start = _phase_at(phases, step)
+            phase = phases[index]
+            groups = phase.setup()
+            if saved is not None:
+                method.load_trainable_state(saved["trainable"])
+            params = [p for g in groups for p in g["params"]]
+            optimizer = torch.optim.AdamW(groups, weight_decay=phase.weight_decay)
+            if saved is not None and saved.get("phase") == phase.name and saved.get("optimizer"):
+                optimizer.load_state_dict(saved["optimizer"])
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase.lr_schedule, phase.steps),
+                                                          last_epoch=-1)
+            for _ in range(step - start):
+                scheduler.step()  # the schedule is a function of the step: replay it
+            if saved is not None:
+                torch.set_rng_state(saved["rng"]["torch"])
+                method.generator.set_state(saved["rng"]["method"])
+                saved = None
+            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+            while step < start + phase.steps:
+                terms_sum: dict[str, float] = {}
+                terms_n: dict[str, int] = {}
+                tasks = []
+                for _ in range(grad_accum):
+                    with accelerator.autocast():
+                        out = method.micro_step(phase.name, step)
+                    if not torch.isfinite(out.loss.detach()):
+                        last = run.latest_checkpoint()
+                        where = f"; the last good checkpoint is {last[1]} (resume with --resume)" if last else ""
+                        raise TrainingDiverged(f"loss became {out.loss.item()} at step {step} ({phase.name}, task "
+                                               f"{out.task}); stopping{where}. Try a lower learning rate.")
+                    accelerator.backward(out.loss / grad_accum)
+                    tasks.append(out.task)
+                    for k, v in out.terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v)
+                        terms_n[k] = terms_n.get(k, 0) + 1
+                if phase.grad_clip:
+                    accelerator.clip_grad_norm_(params, phase.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                record = {"step": step, "phase": phase.name, "task": "+".join(tasks),
+                          "lr": optimizer.param_groups[0]["lr"]}
+                record.update({k: terms_sum[k] / terms_n[k] for k in terms_sum})
+                if accelerator.is_main_process:
+                    if step % log_every == 0 or step == total:
+                        run.log_metrics(record)
+                    if writer is not None:
+                        for k, v in record.items():
+                            if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                                writer.add_scalar(f"{phase.name}/{k}", v, step)
+                    bar.update(step, f"{phase.name} loss {record.get('loss', float('nan')):.4f}")
+                    if checkpoint_every and (step % checkpoint_every == 0 or step == total):
+                        run.save_checkpoint(step, {
+                            "step": step, "phase": phase.name,
+                            "trainable": method.trainable_state(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng": {"torch": torch.get_rng_state(), "method": method.generator.get_state()},
+                        }, keep=keep_checkpoints)
+                    if sample_every and step % sample_every == 0 and step != total:
+                        method.sample(run, step)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if accelerator.is_main_process:
+        method.finalize(run)
+        run.done_path.write_text(f"{total}\n")
+    return step - first
+
+
+def _tensorboard(run: RunDir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: metrics.jsonl still has everything
+        log.warning("tensorboard is not installed; logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run.path / "logs"))
