@@ -55,11 +55,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             with Image.open(path) as im:
                 im.load()
                 try:
-                    upright = ImageOps.exif_transpose(im)
+                    return ImageOps.exif_transpose(im)  # keeps ``info`` (the ICC profile ``to_rgb`` uses)
                 except Exception:  # malformed EXIF: keep the pixels as stored
-                    upright = im.copy()
-                upright.info.setdefault("icc_profile", im.info.get("icc_profile"))
-                return upright
+                    return im.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UserError(f"{path}: refused as a possible decompression bomb ({exc})") from None
     except FileNotFoundError:
