@@ -39,8 +39,9 @@ class Components:
         return self.scheduler.config.prediction_type
 
     def to(self, device=None, dtype=None) -> "Components":
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for m in (self.text_encoder, self.vae, self.unet):
-            m.to(device=device, dtype=dtype)
+            m.to(**kwargs)
         return self
 
     def pipeline(self, scheduler=None, cls=None):

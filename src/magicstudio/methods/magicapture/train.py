@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ...attention.capture import AttentionStore, install_capture, select_layers, stack_token_maps
 from ...losses import (attention_outside, attention_refocusing_loss, attention_spill, identity_loss,
                        masked_denoising_loss, tweedie_x0)
+from ...data.masks import downsample_mask
 from ...models.face_align import align_faces
 from ...models.tokens import TokenSpec, add_placeholder_tokens, make_trainable, token_vectors
 from ..concepts import ConceptSet, augment
@@ -165,7 +166,7 @@ class MagiCapture:
         concept = "source" if task == "source" else "reference"
         z0, face, lm, box, _ = self._draw(concept)
         size = self.latent_size
-        face_lat = F.interpolate(face.float(), size=(size, size), mode="nearest")  # METHODS.md: nearest
+        face_lat = downsample_mask(face, size)  # nearest, as the authors do (METHODS.md)
         if task == "source":
             mask = face_lat  # Eq. 4: face region of the source
         elif cfg.mode == "object" and task == "reference":
