@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -107,8 +108,27 @@ class _Progress:
 
 def train(method: TrainableMethod, run: RunDir, *, grad_accum: int = 1, checkpoint_every: int = 100,
           keep_checkpoints: int = 2, sample_every: int = 0, resume: bool = False, mixed_precision: str = "no",
-          log_every: int = 1, progress: bool = True, accelerator=None, tensorboard: bool = True) -> int:
-    """Run all phases of ``method`` into ``run``; returns the number of optimizer steps taken now."""
+          log_every: int = 1, progress: bool = True, accelerator=None, tensorboard: bool = True,
+          deterministic: bool = True) -> int:
+    """Run all phases of ``method`` into ``run``; returns the number of optimizer steps taken now.
+
+    ``deterministic`` on a CPU trains with one intra-op thread: PyTorch's multi-threaded CPU kernels sum in a
+    varying order (differences of ~1e-9 that grow to ~1e-6 within a few steps), so only then does the same
+    seed give bit-identical weights, with or without a resume in between. GPUs are not affected by it.
+    """
+    threads = torch.get_num_threads()
+    on_cpu = accelerator is None and not torch.cuda.is_available()
+    if deterministic and on_cpu:
+        torch.set_num_threads(1)
+    try:
+        return _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_every, resume,
+                      mixed_precision, log_every, progress, accelerator, tensorboard)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_every, resume, mixed_precision,
+           log_every, progress, accelerator, tensorboard) -> int:
     from accelerate import Accelerator
 
     phases = method.phases()
@@ -142,8 +162,10 @@ def train(method: TrainableMethod, run: RunDir, *, grad_accum: int = 1, checkpoi
                 optimizer.load_state_dict(saved["optimizer"])
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase.lr_schedule, phase.steps),
                                                           last_epoch=-1)
-            for _ in range(step - start):
-                scheduler.step()  # the schedule is a function of the step: replay it
+            with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
+                warnings.simplefilter("ignore")
+                for _ in range(step - start):
+                    scheduler.step()
             if saved is not None:
                 torch.set_rng_state(saved["rng"]["torch"])
                 method.generator.set_state(saved["rng"]["method"])

@@ -69,7 +69,8 @@ def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg
     method = MagiCapture(cfg, comps, source_set, reference_set, encoder)
     train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
           keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
-          mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress)
+          mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
+          deterministic=cfg.deterministic)
     return run
 
 
