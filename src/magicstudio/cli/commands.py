@@ -4,3 +4,4 @@ from . import prepare  # noqa: F401
 from . import models  # noqa: F401
 from . import capture  # noqa: F401
 from . import demo  # noqa: F401
+from . import face  # noqa: F401

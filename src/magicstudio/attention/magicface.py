@@ -1,0 +1,261 @@
+"""MagicFace attention (Wang et al., "MagicFace: Training-free Universal-Style Human Image Customized Synthesis",
+arXiv:2408.07433): Reference-aware Self-Attention (RSA, the coarse semantic layout) and Region-grouped Blend
+Attention (RBA, the fine concept features) as diffusers attention processors.
+
+The UNet sees one batch per step: ``[uncond target, cond target, ref_1 .. ref_R]`` (no uncond row without
+guidance). Every row first gets plain attention from the very call diffusers' ``AttnProcessor2_0`` makes
+(``scaled_dot_product_attention``); then, in the replaced self-attention layers, the conditional target row is
+rewritten:
+
+- RSA: each target query attends over its own keys and every reference's keys. A reference logit gets ``+ w``
+  inside that reference's mask and is excluded (``-inf``) outside it (the paper's weighted mask, w = 3).
+- RBA: a target pixel that the attention-based segmentation assigns to concept ``i`` attends over its own keys
+  and reference ``i``'s keys (same weighted mask); unassigned pixels keep plain self-attention.
+
+The joint softmax over ``[own keys, ref_1 keys, ...]`` is computed as a log-sum-exp merge of one softmax per key
+source: ``out = sum_s exp(lse_s - lse) * out_s``. The own part ``out_s`` is the SDPA output already computed for
+the row, so a reference that is masked out everywhere changes nothing at all (its weight is exactly 0) and
+unassigned RBA pixels are bit-identical to plain self-attention. Queries are processed in chunks so the explicit
+logits stay small at 64x64 latents.
+
+The same processor records, through the project's ``AttentionStore``, the head-averaged plain self- and
+cross-attention probabilities of the conditional target on small layers: the input of the segmentation
+(``magicstudio.attention.segmentation``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .capture import AttentionStore, CaptureProcessor, select_layers
+
+#: logit of an excluded key: finite, so a fully excluded source yields weights of exactly 0 instead of NaN
+EXCLUDED = torch.finfo(torch.float32).min
+#: explicit logits are computed for at most this many (head x query x key) entries at a time
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Projected:
+    """Q/K/V of one attention call as ``(B, heads, N, head_dim)`` plus what is needed to finish the layer."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    residual: torch.Tensor
+    shape4d: tuple[int, int, int, int] | None
+    is_cross: bool
+
+
+def project(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None) -> Projected:
+    """The input half of diffusers' ``AttnProcessor2_0``, step for step (same ops, same order, LoRA included)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape4d = None
+    if hidden_states.ndim == 4:
+        shape4d = tuple(hidden_states.shape)
+        b, c, h, w = shape4d
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch, seq, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    is_cross = encoder_hidden_states is not None
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return Projected(query, key, value, attention_mask, residual, shape4d, is_cross)
+
+
+def finish(attn, out: torch.Tensor, p: Projected) -> torch.Tensor:
+    """The output half of ``AttnProcessor2_0``: merge heads, output projection, residual, rescale."""
+    batch, heads, _, head_dim = out.shape
+    hidden_states = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(p.query.dtype)
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if p.shape4d is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*p.shape4d)
+    if attn.residual_connection:
+        hidden_states = hidden_states + p.residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def reference_bias(mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """Logit offsets of one reference's keys from its (flattened) {0,1} mask: ``+weight`` inside, excluded outside."""
+    inside = mask.flatten() > 0.5
+    return torch.where(inside, torch.tensor(float(weight)), torch.tensor(EXCLUDED))
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+
+
+def blend_references(q: torch.Tensor, k_own: torch.Tensor, out_own: torch.Tensor,
+                     refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries ``q`` over their own keys and the references' keys (RSA / RBA).
+
+    ``q``: (heads, Nq, d); ``k_own``: (heads, Nk, d); ``out_own``: (heads, Nq, d), plain attention of ``q`` over its
+    own keys (the SDPA output); ``refs``: ``(k_i, v_i, bias_i)`` with ``bias_i`` (Nk_i,) from ``reference_bias``.
+    Returns the blended output (heads, Nq, d) in ``out_own``'s dtype and, per query, the attention mass on each
+    reference's keys averaged over heads, (Nq, R).
+    """
+    heads, nq, _ = q.shape
+    total = sum(k.shape[1] for k, _, _ in refs) + k_own.shape[1]
+    step = max(1, CHUNK_ELEMENTS // max(1, heads * total))
+    outs, masses = [], []
+    for a in range(0, nq, step):
+        qc = q[:, a:a + step]
+        lse = [torch.logsumexp(_logits(qc, k_own, scale), dim=-1)]
+        parts = []
+        for k_i, v_i, bias_i in refs:
+            logits = _logits(qc, k_i, scale) + bias_i
+            lse_i = torch.logsumexp(logits, dim=-1)
+            parts.append(torch.matmul(logits.sub_(lse_i[..., None]).exp_(), v_i.float()))
+            lse.append(lse_i)
+        lse = torch.stack(lse)  # (1 + R, heads, chunk)
+        weights = torch.exp(lse - torch.logsumexp(lse, dim=0))
+        out = weights[0, ..., None] * out_own[:, a:a + step].float()
+        for w_i, part in zip(weights[1:], parts):
+            out = out + w_i[..., None] * part
+        outs.append(out.to(out_own.dtype))
+        masses.append(weights[1:].mean(dim=1).T)
+    return torch.cat(outs, dim=1), torch.cat(masses, dim=0)
+
+
+@dataclass
+class MagicFaceState:
+    """What the processors of one UNet share: the phase, the batch layout, the references and the segmentation.
+
+    ``ref_masks``: (R, H, W) {0,1} reference masks (any resolution; resized to each layer with nearest, as the
+    authors do). ``assignment``: (S, S) long, concept index per target pixel or -1 (RBA routing), or None.
+    With ``record_mass``, ``mass[layer]`` holds the target's attention mass on each reference, (N, R).
+    """
+
+    ref_masks: torch.Tensor
+    weights: list[float]
+    mode: str = "off"  # "rsa" | "rba" | "off"
+    target: int = 1
+    first_ref: int = 2
+    assignment: torch.Tensor | None = None
+    record_mass: bool = False
+    mass: dict[str, torch.Tensor] = field(default_factory=dict)
+    _bias: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_refs(self) -> int:
+        return self.ref_masks.shape[0]
+
+    def set_masks(self, ref_masks: torch.Tensor) -> None:
+        self.ref_masks, self._bias = ref_masks, {}
+
+    def biases(self, side: int, device) -> list[torch.Tensor]:
+        """Per reference, its keys' logit offsets at a ``side`` x ``side`` layer (cached)."""
+        if side not in self._bias:
+            small = F.interpolate(self.ref_masks[:, None].float(), size=(side, side), mode="nearest")[:, 0]
+            self._bias[side] = [reference_bias(m, w).to(device) for m, w in zip(small, self.weights)]
+        return self._bias[side]
+
+    def routing(self, side: int) -> torch.Tensor | None:
+        """The segmentation resized (nearest) to a ``side`` x ``side`` layer, flattened: concept index or -1."""
+        if self.assignment is None:
+            return None
+        a = self.assignment[None, None].float()
+        return F.interpolate(a, size=(side, side), mode="nearest").flatten().long()
+
+
+class MagicFaceProcessor(CaptureProcessor):
+    """Plain SDPA attention for every row; RSA/RBA for the conditional target on replaced layers; map capture.
+
+    Shares ``CaptureProcessor``'s store protocol: when ``store.active`` and the layer has at most
+    ``store.full_max_tokens`` queries, the head-averaged plain attention probabilities of the conditional target
+    are recorded with ``store.record`` (self- and cross-attention alike).
+    """
+
+    def __init__(self, state: MagicFaceState, store: AttentionStore, name: str, replace: bool):
+        super().__init__(store, name)
+        self.state = state
+        self.replace = replace
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        p = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out = F.scaled_dot_product_attention(p.query, p.key, p.value, attn_mask=p.mask, dropout_p=0.0, is_causal=False)
+        st, t = self.state, self.state.target
+        batch, _, nq, _ = p.query.shape
+        if t >= batch:
+            return finish(attn, out, p)
+        if self.store.active and nq <= self.store.full_max_tokens:
+            logits = _logits(p.query[t], p.key[t], attn.scale)
+            if p.mask is not None:
+                logits = logits + p.mask[t].float()
+            self.store.record(self.name, logits.softmax(dim=-1), 1, p.is_cross)
+        if self.replace and not p.is_cross and st.mode in ("rsa", "rba") and st.n_refs:
+            self._inject(attn, p, out, nq)
+        return finish(attn, out, p)
+
+    def _inject(self, attn, p: Projected, out: torch.Tensor, nq: int) -> None:
+        """Rewrite the conditional target row of ``out`` in place (RSA: all pixels; RBA: assigned pixels)."""
+        st, t = self.state, self.state.target
+        side = math.isqrt(nq)
+        if side * side != nq or p.mask is not None:
+            raise ValueError(f"MagicFace needs square latents and unmasked self-attention ({self.name})")
+        biases = st.biases(side, out.device)
+        refs = [(p.key[st.first_ref + i], p.value[st.first_ref + i], biases[i]) for i in range(st.n_refs)]
+        mass = torch.zeros(nq, st.n_refs)
+        if st.mode == "rsa":
+            out[t], mass = blend_references(p.query[t], p.key[t], out[t], refs, attn.scale)
+        else:
+            route = st.routing(side)
+            for i in range(st.n_refs if route is not None else 0):
+                rows = torch.nonzero(route == i).flatten().to(out.device)
+                if rows.numel() == 0:
+                    continue
+                blended, m = blend_references(p.query[t][:, rows], p.key[t], out[t][:, rows], [refs[i]], attn.scale)
+                out[t, :, rows] = blended
+                mass[rows.cpu(), i] = m[:, 0].cpu()
+        if st.record_mass:
+            st.mass[self.name] = mass.detach().cpu()
+
+
+def replaced_layers(unet, which: str | list[str] = "up:1+2") -> list[str]:
+    """Self-attention layers that RSA/RBA replace.
+
+    ``"up:<factors>"``: the up blocks at those downsampling factors (default ``"up:1+2"``: the two highest
+    resolutions, 64x64 and 32x32 at 512 px, as in the paper); anything else goes to ``select_layers`` (``"all"``,
+    ``"res:1+2"`` for down and up blocks, or a list of names/regexes).
+    """
+    if isinstance(which, str) and which.startswith("up:"):
+        return [n for n in select_layers(unet, "res:" + which[3:], "attn1") if n.startswith("up_blocks.")]
+    return select_layers(unet, which, "attn1")
+
+
+def install_magicface(unet, state: MagicFaceState, store: AttentionStore, replaced: list[str]) -> dict:
+    """Put a ``MagicFaceProcessor`` on every attention layer (``replace`` on ``replaced``); returns the previous
+    processors for ``capture.restore_processors``."""
+    previous = dict(unet.attn_processors)
+    wanted = set(replaced)
+    procs = {}
+    for key in previous:
+        module = key[: -len(".processor")]
+        procs[key] = MagicFaceProcessor(state, store, module, module in wanted)
+    unet.set_attn_processor(procs)
+    return previous
