@@ -66,25 +66,34 @@ def test_identity_loss_falls_when_optimised(tiny, demo_sets):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_region_decode_window_holds_the_face_and_maps_landmarks(tiny, demo_sets):
-    """The identity loss decodes only a latent window around the face: it must contain the whole face box with
-    a margin, stay inside the latent, and shift the landmarks by exactly its pixel offset.
+def test_region_decode_window_holds_the_aligned_crop_and_maps_landmarks(tiny, demo_sets):
+    """The identity loss decodes only a latent window: it must contain every pixel the 112x112 ArcFace
+    alignment reads, stay inside the latent, and shift the landmarks by exactly its pixel offset.
     (GroupNorm statistics then come from the window, so the decoded pixels approximate, not equal, a crop of
     the full decode; benchmarks/capture_speed.py reports the cost of both.)"""
+    from magicstudio.models.face_align import alignment_matrix
+
     cfg = make_config("smoke", resolution=128, face_encoder="tiny")
     m = MagiCapture(cfg, tiny, load_concept(demo_sets[0], 128), load_concept(demo_sets[1], 128),
                     load_face_encoder("tiny"))
     src = m.source
     for k in range(len(src)):
-        box = src.boxes[k]
-        y0, y1, x0, x1 = m._face_region(box)
-        assert 0 <= x0 < x1 <= m.latent_size and 0 <= y0 < y1 <= m.latent_size and (y1 - y0) == (x1 - x0)
-        bx0, by0, bx1, by1 = (box / 8).tolist()
-        assert x0 <= max(bx0, 0) + 1 and x1 >= min(bx1, m.latent_size) - 1
-        assert y0 <= max(by0, 0) + 1 and y1 >= min(by1, m.latent_size) - 1
+        lm = src.landmarks[k]
+        y0, y1, x0, x1 = m._face_region(src.boxes[k], lm)
+        assert 0 <= x0 < x1 <= m.latent_size and 0 <= y0 < y1 <= m.latent_size
+        mat = alignment_matrix(lm[None], 112)[0]
+        grid = torch.stack(torch.meshgrid(torch.arange(112.0), torch.arange(112.0), indexing="xy"), -1).reshape(-1, 2)
+        pts = (grid - mat[:, 2]) @ torch.linalg.inv(mat[:, :2]).T  # image pixels the crop samples
+        inside = (pts[:, 0] >= 0) & (pts[:, 0] <= 127) & (pts[:, 1] >= 0) & (pts[:, 1] <= 127)
+        p = pts[inside]
+        assert (p[:, 0] >= x0 * 8 - 0.5).all() and (p[:, 0] <= x1 * 8 - 0.5).all()
+        assert (p[:, 1] >= y0 * 8 - 0.5).all() and (p[:, 1] <= y1 * 8 - 0.5).all()
+        bx0, by0, bx1, by1 = src.boxes[k].tolist()  # box-only fallback: a margin around the face box
+        fy0, fy1, fx0, fx1 = m._face_region(src.boxes[k])
+        assert fx0 * 8 <= max(bx0, 0) + 8 and fx1 * 8 >= min(bx1, 128) - 8
     with torch.no_grad():
         z = m._encode(src.images[:1])
-        region, offset = m.decode_face(z, src.boxes[0], region=True)
-    y0, y1, x0, x1 = m._face_region(src.boxes[0])
+        region, offset = m.decode_face(z, src.boxes[0], region=True, landmarks=src.landmarks[0])
+    y0, y1, x0, x1 = m._face_region(src.boxes[0], src.landmarks[0])
     assert region.shape[-2:] == ((y1 - y0) * 8, (x1 - x0) * 8)
     assert offset.tolist() == [x0 * 8, y0 * 8]

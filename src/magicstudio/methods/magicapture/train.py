@@ -23,7 +23,7 @@ from ...attention.capture import AttentionStore, install_capture, select_layers,
 from ...losses import (attention_outside, attention_refocusing_loss, attention_spill, identity_loss,
                        masked_denoising_loss, tweedie_x0)
 from ...data.masks import downsample_mask
-from ...models.face_align import align_faces
+from ...models.face_align import align_faces, alignment_matrix
 from ...models.tokens import TokenSpec, add_placeholder_tokens, make_trainable, token_vectors
 from ..concepts import ConceptSet, augment
 from ..lora import lora_config, lora_parameters
@@ -230,9 +230,25 @@ class MagiCapture:
         return StepOutput(loss, terms, task)
 
     # ------------------------------------------------------------------ identity
-    def _face_region(self, box: torch.Tensor) -> tuple[int, int, int, int]:
-        """Latent window (y0, y1, x0, x1) around a face box, square with a margin, clamped to the latent."""
+    def _face_region(self, box: torch.Tensor, landmarks: torch.Tensor | None = None) -> tuple[int, int, int, int]:
+        """Latent window (y0, y1, x0, x1) to decode for the identity loss, clamped to the latent.
+
+        With landmarks: the bounding box of where the aligned ArcFace crop falls in the image (the inverse of
+        the alignment warp applied to the crop's corners) plus one latent pixel, so exactly what B(x) reads is
+        decoded. Without: a square of 1.6x the face box's larger side around its centre.
+        """
         scale, size = self.comps.vae_scale, self.latent_size
+        if landmarks is not None and bool(torch.isfinite(landmarks).all()):
+            n = self.face_encoder.input_size if self.face_encoder is not None else 112
+            m = alignment_matrix(landmarks.reshape(1, 5, 2).float(), n)[0]  # image px -> crop px
+            a, b = m[:, :2], m[:, 2]
+            corners = torch.tensor([[-0.5, -0.5], [n - 0.5, -0.5], [-0.5, n - 0.5], [n - 0.5, n - 0.5]])
+            pts = (corners - b) @ torch.linalg.inv(a).T  # crop corners in image pixels
+            lo, hi = (pts.amin(0) + 0.5) / scale - 1, (pts.amax(0) + 0.5) / scale + 1
+            x0, y0 = (int(max(0, min(size - 4, torch.floor(v)))) for v in lo)
+            x1, y1 = (int(min(size, max(x0 + 4, torch.ceil(v)))) for v in hi)
+            y1 = max(y1, y0 + 4)
+            return y0, min(size, y1), x0, x1
         x0, y0, x1, y1 = box.tolist()
         side = max(x1 - x0, y1 - y0) * 1.6 / scale
         side = int(min(size, max(4, round(side))))
@@ -241,11 +257,13 @@ class MagiCapture:
         ly = int(min(max(0, round(cy - side / 2)), size - side))
         return ly, ly + side, lx, lx + side
 
-    def decode_face(self, z0_hat: torch.Tensor, box: torch.Tensor, region: bool = True):
-        """Decode the face of ``z0_hat`` (only the latent window around ``box`` when ``region``)."""
+    def decode_face(self, z0_hat: torch.Tensor, box: torch.Tensor, region: bool = True,
+                    landmarks: torch.Tensor | None = None):
+        """Decode the face of ``z0_hat`` (only the latent window around it when ``region``); returns the image
+        and the pixel offset of its top-left corner."""
         vae, scale = self.comps.vae, self.comps.vae_scale
         if region:
-            y0, y1, x0, x1 = self._face_region(box)
+            y0, y1, x0, x1 = self._face_region(box, landmarks)
             z = z0_hat[:, :, y0:y1, x0:x1]
             offset = torch.tensor([x0 * scale, y0 * scale], dtype=torch.float32)
         else:
@@ -254,7 +272,8 @@ class MagiCapture:
         return image, offset
 
     def _identity(self, z0_hat: torch.Tensor, lm: torch.Tensor, box: torch.Tensor):
-        image, offset = self.decode_face(z0_hat, box[0], self.cfg.id_region_decode)
+        landmarks_hint = None if self.cfg.id_landmarks == "detect" else lm[0]
+        image, offset = self.decode_face(z0_hat, box[0], self.cfg.id_region_decode, landmarks_hint)
         landmarks = (lm - offset).to(self.device)
         if self.cfg.id_landmarks == "detect":
             landmarks = self._detect_landmarks(image)
