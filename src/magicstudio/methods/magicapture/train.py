@@ -25,8 +25,9 @@ from ...losses import (attention_outside, attention_refocusing_loss, attention_s
 from ...data.masks import downsample_mask
 from ...models.face_align import align_faces, alignment_matrix
 from ...models.tokens import TokenSpec, add_placeholder_tokens, make_trainable, token_vectors
-from ..concepts import ConceptSet, augment
+from ..concepts import ConceptSet
 from ..lora import lora_config, lora_parameters
+from ..personalize import ConceptSampler, encode_prompt
 from ..runs import RunDir
 from ..training import Phase, StepOutput
 from . import config as C
@@ -70,7 +71,8 @@ class MagiCapture:
                 log.warning("identity loss (Eq. 7) is OFF: no face-recognition weights were given (--face-encoder PATH)")
             else:
                 self.source_identity = self._source_identity()
-        self._cache = self._cache_latents() if cfg.cache_latents else None
+        self.data = ConceptSampler(comps, {"source": source, "reference": reference}, self.generator, self.device,
+                                   cfg.hflip, cfg.color_jitter, cfg.cache_latents)
 
     # ------------------------------------------------------------------ setup
     def phases(self) -> list[Phase]:
@@ -97,45 +99,11 @@ class MagiCapture:
 
     # ------------------------------------------------------------------ data
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.comps.vae
-        with torch.no_grad():
-            dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
-            return dist.sample(generator=self.generator) * vae.config.scaling_factor
-
-    def _cache_latents(self) -> dict:
-        """Latent moments of every image and its mirror (colour jitter is then off: it would change them)."""
-        cache = {}
-        vae = self.comps.vae
-        with torch.no_grad():
-            for name, concept in (("source", self.source), ("reference", self.reference)):
-                for flip in (False, True):
-                    imgs = concept.images.flip(-1) if flip else concept.images
-                    dist = vae.encode(imgs.to(self.device, vae.dtype)).latent_dist
-                    cache[(name, flip)] = (dist.mean, dist.std)
-        return cache
+        return self.data.encode(images)
 
     def _draw(self, concept_name: str):
         """One augmented training example of ``concept_name``: latent, face mask, landmarks, box."""
-        concept = self.source if concept_name == "source" else self.reference
-        i = int(torch.randint(len(concept), (1,), generator=self.generator))
-        sl = slice(i, i + 1)
-        if self._cache is None:
-            img, mask, lm, box = augment(concept.images[sl], concept.face_masks[sl], concept.landmarks[sl],
-                                         concept.boxes[sl], self.generator, self.cfg.hflip, self.cfg.color_jitter)
-            latents = self._encode(img)
-        else:
-            flip = self.cfg.hflip and bool(torch.rand(1, generator=self.generator) < 0.5)
-            img, mask, lm, box = augment(concept.images[sl], concept.face_masks[sl], concept.landmarks[sl],
-                                         concept.boxes[sl], self.generator, hflip=False, jitter=0.0)
-            if flip:
-                img, mask = img.flip(-1), mask.flip(-1)
-                lm = lm[:, [1, 0, 2, 4, 3]]
-                lm[..., 0] = (img.shape[-1] - 1) - lm[..., 0]
-                box = torch.stack([img.shape[-1] - box[:, 2], box[:, 1], img.shape[-1] - box[:, 0], box[:, 3]], 1)
-            mean, std = self._cache[(concept_name, flip)]
-            noise = torch.randn(mean[sl].shape, generator=self.generator).to(mean)
-            latents = (mean[sl] + std[sl] * noise) * self.comps.vae.config.scaling_factor
-        return latents, mask.to(self.device), lm, box, i
+        return self.data.draw(concept_name)
 
     def _prompt(self, task: str) -> str:
         cfg = self.cfg
@@ -149,14 +117,7 @@ class MagiCapture:
         return templates[k].format(v1=cfg.v1, v2=cfg.v2, cls=cfg.object_class)
 
     def _encode_prompt(self, prompt: str):
-        tok = self.comps.tokenizer
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
-        positions = []
-        for tid in self.token_ids:
-            hits = (ids[0] == tid).nonzero().flatten()
-            positions.append(int(hits[0]) if len(hits) else -1)
-        return self.comps.text_encoder(ids)[0], torch.tensor([positions])
+        return encode_prompt(self.comps, prompt, self.token_ids, self.device)
 
     # ------------------------------------------------------------------ one micro-step
     def micro_step(self, phase: str, step: int) -> StepOutput:

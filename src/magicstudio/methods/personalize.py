@@ -1,0 +1,86 @@
+"""Data and prompt pieces every personalisation method shares (MagiCapture and the baselines).
+
+``ConceptSampler`` draws one augmented training example of a named concept (``"source"``, ``"reference"``,
+``"class"``, ...) as a VAE latent with its face mask, landmarks and box, every random choice coming from the
+method's ``torch.Generator`` (so a resumed run replays the same draws). ``encode_prompt`` runs the text encoder
+on one prompt and says where each placeholder token sits in it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .concepts import FLIP_ORDER, ConceptSet, augment
+
+
+class ConceptSampler:
+    """Augmented examples of named ``ConceptSet``s as latents.
+
+    With ``cache_latents`` the VAE encodes every image and its mirror once (latent mean and std); each draw then
+    samples ``mean + std * noise``. Colour jitter is off in that mode (it would change the moments).
+    """
+
+    def __init__(self, comps, concepts: dict[str, ConceptSet], generator: torch.Generator,
+                 device: torch.device | str = "cpu", hflip: bool = True, color_jitter: float = 0.1,
+                 cache_latents: bool = False):
+        self.comps, self.concepts, self.generator = comps, concepts, generator
+        self.device = torch.device(device)
+        self.hflip, self.color_jitter = hflip, color_jitter
+        self.cache = self._cache_latents() if cache_latents else None
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of ``images`` ([-1, 1]), sampled from the VAE posterior with the method's generator."""
+        vae = self.comps.vae
+        with torch.no_grad():
+            dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
+            return dist.sample(generator=self.generator) * vae.config.scaling_factor
+
+    def _cache_latents(self) -> dict:
+        cache = {}
+        vae = self.comps.vae
+        with torch.no_grad():
+            for name, concept in self.concepts.items():
+                for flip in (False, True):
+                    imgs = concept.images.flip(-1) if flip else concept.images
+                    dist = vae.encode(imgs.to(self.device, vae.dtype)).latent_dist
+                    cache[(name, flip)] = (dist.mean, dist.std)
+        return cache
+
+    def draw(self, name: str):
+        """One augmented example of concept ``name``: (latent, face mask, landmarks, box, image index)."""
+        concept = self.concepts[name]
+        i = int(torch.randint(len(concept), (1,), generator=self.generator))
+        sl = slice(i, i + 1)
+        if self.cache is None:
+            img, mask, lm, box = augment(concept.images[sl], concept.face_masks[sl], concept.landmarks[sl],
+                                         concept.boxes[sl], self.generator, self.hflip, self.color_jitter)
+            latents = self.encode(img)
+        else:
+            flip = self.hflip and bool(torch.rand(1, generator=self.generator) < 0.5)
+            img, mask, lm, box = augment(concept.images[sl], concept.face_masks[sl], concept.landmarks[sl],
+                                         concept.boxes[sl], self.generator, hflip=False, jitter=0.0)
+            if flip:
+                img, mask = img.flip(-1), mask.flip(-1)
+                lm = lm[:, FLIP_ORDER]
+                lm[..., 0] = (img.shape[-1] - 1) - lm[..., 0]
+                box = torch.stack([img.shape[-1] - box[:, 2], box[:, 1], img.shape[-1] - box[:, 0], box[:, 3]], 1)
+            mean, std = self.cache[(name, flip)]
+            noise = torch.randn(mean[sl].shape, generator=self.generator).to(mean)
+            latents = (mean[sl] + std[sl] * noise) * self.comps.vae.config.scaling_factor
+        return latents, mask.to(self.device), lm, box, i
+
+
+def encode_prompt(comps, prompt: str | list[str], token_ids: list[int], device: torch.device | str = "cpu"):
+    """Text-encoder hidden states of ``prompt`` (one string or a batch) and, per prompt, the position of each
+    placeholder in ``token_ids`` (-1 where it does not occur): ((B, 77, D), (B, K))."""
+    tok = comps.tokenizer
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(device)
+    positions = torch.full((len(prompts), len(token_ids)), -1, dtype=torch.long)
+    for b in range(len(prompts)):
+        for k, tid in enumerate(token_ids):
+            hits = (ids[b] == tid).nonzero().flatten()
+            if len(hits):
+                positions[b, k] = int(hits[0])
+    return comps.text_encoder(ids)[0], positions
