@@ -5,3 +5,4 @@ from . import models  # noqa: F401
 from . import capture  # noqa: F401
 from . import demo  # noqa: F401
 from . import face  # noqa: F401
+from . import evaluate  # noqa: F401
