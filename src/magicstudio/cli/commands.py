@@ -6,3 +6,4 @@ from . import capture  # noqa: F401
 from . import demo  # noqa: F401
 from . import face  # noqa: F401
 from . import evaluate  # noqa: F401
+from . import bench  # noqa: F401

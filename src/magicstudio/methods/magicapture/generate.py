@@ -19,11 +19,19 @@ log = logging.getLogger(__name__)
 
 
 def load_run_pipeline(run_dir: str | Path, scheduler: str = "ddim", model: str | None = None):
-    """A ``StableDiffusionPipeline`` with the run's LoRA and tokens loaded; returns (pipe, config, tokens)."""
+    """A ``StableDiffusionPipeline`` with the run's LoRA and tokens loaded; returns (pipe, config, tokens).
+
+    A run whose config has ``model_dir`` (a full fine-tune, e.g. DreamBooth) is that diffusers folder itself."""
     run = RunDir(run_dir)
     cfg = run.read_config()
     if not run.is_done():
         raise UserError(f"{run.path} has not finished training (no DONE marker); resume it with 'capture train --resume'")
+    if cfg.get("model_dir"):  # a full fine-tune (DreamBooth): the run's own diffusers folder, tokens in its tokenizer
+        if model:
+            raise UserError(f"{run.path} is a full fine-tune (its model is {cfg['model_dir']}/); --model cannot replace it")
+        comps = load_base(str(run.path / cfg["model_dir"]))
+        pipe = comps.pipeline(scheduler=comps.inference_scheduler(scheduler))
+        return pipe, cfg, list(cfg.get("tokens") or [])
     comps = load_base(model or cfg["model"], seed=int(cfg.get("model_seed", 0)))
     pipe = comps.pipeline(scheduler=comps.inference_scheduler(scheduler))
     tokens = load_run_into_pipeline(pipe, run.path)
