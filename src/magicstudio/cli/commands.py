@@ -7,3 +7,4 @@ from . import demo  # noqa: F401
 from . import face  # noqa: F401
 from . import evaluate  # noqa: F401
 from . import bench  # noqa: F401
+from . import postprocess  # noqa: F401
