@@ -66,7 +66,12 @@ def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg
     reference_set = load_concept(ref_dir, cfg.resolution)
     encoder = load_face_encoder(cfg.face_encoder) if (cfg.use_id and cfg.mode == "portrait") else None
     run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()})
-    method = MagiCapture(cfg, comps, source_set, reference_set, encoder)
+    from accelerate import PartialState
+
+    device = PartialState().device  # this process's device (GPU i under 'accelerate launch', else CPU)
+    if encoder is not None:
+        encoder.to(device)
+    method = MagiCapture(cfg, comps, source_set, reference_set, encoder, device=device)
     train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
           keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
           mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
