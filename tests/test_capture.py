@@ -184,6 +184,15 @@ def test_generate_equals_plain_diffusers_and_writes_parameters(finished_run, tmp
     assert main(["capture", "generate", str(finished_run), "--prompt", "a photo of <v9>", "-n", "1"]) == 2
 
 
+def test_generate_with_postprocessing_keeps_the_raw_image(finished_run, tmp_path):
+    from magicstudio.methods.magicapture.generate import generate
+
+    paths = generate(finished_run, tmp_path / "gen", num_images=1, seed=1, steps=2, upscale=2, sr="lanczos")
+    raw, post = Image.open(paths[0]), Image.open(tmp_path / "gen" / "000-seed1-post.png")
+    assert post.size == (raw.width * 2, raw.height * 2)
+    assert "Postprocess: upscale x2 (lanczos)" in post.info["parameters"]
+
+
 def test_cli_bad_inputs_are_one_line(tmp_path, capsys):
     from magicstudio.cli.main import main
 

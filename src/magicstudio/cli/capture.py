@@ -72,10 +72,18 @@ def generate_cmd(
     save_attention: bool = typer.Option(False, "--save-attention", help="Also write <v1>/<v2> attention heatmaps."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Default: RUN/generated."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the run's base model (same architecture)."),
+    upscale: int = typer.Option(0, "--upscale", help="Also write a post-processed copy upscaled by 2 or 4 (0: off)."),
+    sr: str = typer.Option("realesrgan", "--sr", help="Super-resolution: realesrgan (magicstudio[upscale]) or lanczos."),
+    restore_weights: Optional[str] = typer.Option(None, "--restore-weights", help="CodeFormer/GFPGAN weights for face restoration."),
+    fidelity: float = typer.Option(0.5, "--fidelity", help="CodeFormer fidelity w (0: quality, 1: fidelity)."),
 ) -> None:
     """Generate portraits from a trained run (PNG files carry their parameters, A1111-style)."""
     from ..methods.magicapture.generate import generate
 
+    if upscale not in (0, 1, 2, 3, 4):
+        from ..errors import UserError
+
+        raise UserError("--upscale must be 0 (off), 2, 3 or 4")
     paths = generate(run, out, prompt, negative, num_images, seed, steps, guidance, scheduler, save_attention,
-                     model=model)
+                     model=model, upscale=upscale, sr=sr, restore_weights=restore_weights, fidelity=fidelity)
     typer.echo(f"wrote {len(paths)} image(s) to {paths[0].parent}")

@@ -47,8 +47,13 @@ def default_prompt(cfg: dict) -> str:
 
 def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str | None = None, negative: str = "",
              num_images: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5, scheduler: str = "ddim",
-             save_attention: bool = False, size: int | None = None, model: str | None = None) -> list[Path]:
-    """Generate ``num_images`` PNGs (one seed each: ``seed``, ``seed+1``, ...) into ``out_dir``."""
+             save_attention: bool = False, size: int | None = None, model: str | None = None, upscale: int = 0,
+             sr: str = "realesrgan", restore_weights: str | None = None, fidelity: float = 0.5) -> list[Path]:
+    """Generate ``num_images`` PNGs (one seed each: ``seed``, ``seed+1``, ...) into ``out_dir``.
+
+    With ``upscale`` > 1 or ``restore_weights``, each image is also post-processed (the paper's super-resolution
+    and face restoration) into ``NNN-seedS-post.png``; the raw image is kept beside it.
+    """
     if num_images < 1 or steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
     pipe, cfg, tokens = load_run_pipeline(run_dir, scheduler, model)
@@ -82,6 +87,13 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
                                   {"Run": Path(run_dir).name})
         path = save_png(image, out / f"{i:03d}-seed{s}.png", params)
         paths.append(path)
+        if upscale > 1 or restore_weights:
+            from ...postprocess import postprocess
+
+            post = postprocess(image, upscale_factor=max(1, upscale), restore_weights=restore_weights,
+                               fidelity=fidelity, sr_backend=sr)
+            how = f"upscale x{max(1, upscale)} ({sr})" + (f", face restoration w={fidelity}" if restore_weights else "")
+            save_png(post, out / f"{i:03d}-seed{s}-post.png", params + f", Postprocess: {how}")
         if save_attention:
             heat = recorder.maps()[0]
             panels = [image] + [heatmap_overlay(image, heat[..., k]) for k in range(len(tokens))]
