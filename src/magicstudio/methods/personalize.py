@@ -8,9 +8,17 @@ on one prompt and says where each placeholder token sits in it.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
 import torch
 
+from ..errors import UserError
+
 from .concepts import FLIP_ORDER, ConceptSet, augment
+
+log = logging.getLogger(__name__)
 
 
 class ConceptSampler:
@@ -84,3 +92,62 @@ def encode_prompt(comps, prompt: str | list[str], token_ids: list[int], device: 
             if len(hits):
                 positions[b, k] = int(hits[0])
     return comps.text_encoder(ids)[0], positions
+
+
+def prepared_dir(folder: str | Path, role: str, cache_root: Path, size: int, progress: bool = True) -> Path:
+    """``folder`` itself when ``magicstudio prepare`` made it, else a prepared copy under ``cache_root``."""
+    from ..data.prepare import is_prepared, prepare_folder
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{role} folder not found: {folder}")
+    if is_prepared(folder):
+        return folder
+    out = cache_root / role
+    report = prepare_folder(folder, role, out, size=size, progress=progress)
+    if not report.items:
+        raise UserError(f"no usable {role} image in {folder}: " + "; ".join(f"{r.path}: {r.reason}" for r in report.rejected[:3]))
+    for w in report.warnings:
+        log.warning("%s: %s", role, w)
+    return out
+
+
+def open_run(source, reference, out, cfg, resume: bool = False, progress: bool = True):
+    """Everything a personalisation run does before its method exists, the same for every method.
+
+    Refuses to overwrite a run (finished, or unfinished without ``resume``); on resume the run's saved settings
+    win; loads the base model, resolves the resolution, prepares the photo folders (cached in the run) and loads
+    them as ``ConceptSet``s. Returns ``(run, cfg, comps, source_set, reference_set)``, or None when ``resume``
+    finds the run already finished.
+    """
+    from ..models.base import load_base
+    from .concepts import load_concept
+    from .runs import RunDir
+
+    run = RunDir(out)
+    if run.is_done():
+        if resume:
+            print(f"{run.path} has already finished training; nothing to resume.")
+            return None
+        raise UserError(f"{run.path} holds a finished run; choose another --out (nothing was overwritten)")
+    if run.config_path.exists() and not resume:
+        raise UserError(f"{run.path} holds an unfinished run; pass --resume to continue it, or choose another --out")
+    if resume and run.config_path.exists():
+        saved = run.read_config()
+        cfg = replace(cfg, **{k: v for k, v in saved.items() if k in asdict(cfg)})  # the run's own settings win
+    run.create()
+    comps = load_base(cfg.model)
+    cfg = replace(cfg, resolution=cfg.resolution or comps.resolution)
+    if cfg.resolution % comps.vae_scale:
+        raise UserError(f"resolution {cfg.resolution} must be a multiple of {comps.vae_scale}")
+    prep_size = max(cfg.resolution, 512)
+    src_dir = prepared_dir(source, "source", run.path / "prepared", prep_size, progress)
+    ref_dir = prepared_dir(reference, "reference", run.path / "prepared", prep_size, progress)
+    return run, cfg, comps, load_concept(src_dir, cfg.resolution), load_concept(ref_dir, cfg.resolution)
+
+
+def process_device() -> torch.device:
+    """This process's device: GPU i under ``accelerate launch``, the GPU if there is one, else the CPU."""
+    from accelerate import PartialState
+
+    return PartialState().device

@@ -300,38 +300,22 @@ class Baseline:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device() -> torch.device:
+    from ..personalize import process_device
+
+    return process_device()
 
 
 def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: BaselineConfig, resume: bool = False,
                  progress: bool = True, device: str | None = None) -> RunDir:
     """Train ``method_cls`` into the run folder ``out`` (``resume`` continues an unfinished one)."""
-    from ...models.base import load_base
-    from ..concepts import load_concept
-    from ..magicapture import prepared_dir
+    from ..personalize import open_run
     from ..training import train
 
-    run = RunDir(out)
-    if run.is_done():
-        if resume:
-            return run
-        raise UserError(f"{run.path} holds a finished run; choose another --out (nothing was overwritten)")
-    if run.config_path.exists() and not resume:
-        raise UserError(f"{run.path} holds an unfinished run; pass --resume to continue it, or choose another --out")
-    if resume and run.config_path.exists():
-        saved = run.read_config()
-        cfg = replace(cfg, **{k: v for k, v in saved.items() if k in asdict(cfg)})  # the run's own settings win
-    run.create()
-    comps = load_base(cfg.model)
-    cfg = replace(cfg, resolution=cfg.resolution or comps.resolution)
-    if cfg.resolution % comps.vae_scale:
-        raise UserError(f"resolution {cfg.resolution} must be a multiple of {comps.vae_scale}")
-    prep_size = max(cfg.resolution, 512)
-    src_dir = prepared_dir(source, "source", run.path / "prepared", prep_size, progress)
-    ref_dir = prepared_dir(reference, "reference", run.path / "prepared", prep_size, progress)
-    source_set = load_concept(src_dir, cfg.resolution)
-    reference_set = load_concept(ref_dir, cfg.resolution)
+    opened = open_run(source, reference, out, cfg, resume, progress)
+    if opened is None:
+        return RunDir(out)
+    run, cfg, comps, source_set, reference_set = opened
     device = device or default_device()
     comps.to(device)
     class_set = None

@@ -7,7 +7,7 @@ high enough that the mechanisms visibly act within that budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from ...errors import UserError
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
