@@ -275,7 +275,10 @@ def test_align_faces_matches_insightface_norm_crop() -> None:
     ref = torch.from_numpy(ref).permute(2, 0, 1) / 127.5 - 1
     out = align_faces(image, lms[None])[0]
     assert (ref == -1).any()  # the crop does reach outside the image
-    torch.testing.assert_close(out, ref, atol=2e-3, rtol=0)
+    # OpenCV 4.x quantises bilinear weights to 1/32 px (INTER_BITS=5), 5.x does not: allow that quantisation
+    # per pixel, but the two must agree on average to interpolation precision.
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0)
+    assert (out - ref).abs().mean() < 2e-3
 
 
 def test_alignment_is_differentiable_wrt_images() -> None:

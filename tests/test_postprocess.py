@@ -350,7 +350,7 @@ def test_cli_processes_good_files_skips_bad_ones_and_keeps_parameters(inputs, tm
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--restore-weights", "nowhere.pth"], "face restoration weights not found"),
+    (["--restore-weights", "nowhere.pth", "--sr", "lanczos"], "face restoration weights not found"),
     (["--sr", "bicubic"], "--sr must be one of"),
     (["--scale", "7"], "--scale must be between 1 and 4"),
     (["--fidelity", "2"], "--fidelity must be between 0 and 1"),
