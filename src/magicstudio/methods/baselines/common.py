@@ -15,6 +15,7 @@ A method module subclasses ``Baseline`` with ``phases()``, ``trainable_state()``
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import logging
 import sys
@@ -182,7 +183,7 @@ def images_as_concept(paths: list[Path], resolution: int) -> ConceptSet:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Baseline:
+class Baseline(ABC):
     """The shared part of DreamBooth, Textual Inversion and Custom Diffusion (see the module docstring)."""
 
     #: extra keys for config.yaml (DreamBooth: ``{"model_dir": "model"}``)
@@ -280,8 +281,9 @@ class Baseline:
                       height=self.cfg.resolution, width=self.cfg.resolution, generator=g, guidance_scale=7.5).images
         image_grid(images).save(run.samples / f"step-{step:06d}.png")
 
+    @abstractmethod
     def export(self, run: RunDir) -> None:
-        raise NotImplementedError
+        """Write the method's weights into the run folder (each baseline has its own format)."""
 
     def finalize(self, run: RunDir) -> None:
         self.sample(run, self.cfg.total_steps)
