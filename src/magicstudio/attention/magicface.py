@@ -12,11 +12,11 @@ rewritten:
 - RBA: a target pixel that the attention-based segmentation assigns to concept ``i`` attends over its own keys
   and reference ``i``'s keys (same weighted mask); unassigned pixels keep plain self-attention.
 
-The joint softmax over ``[own keys, ref_1 keys, ...]`` is computed as a log-sum-exp merge of one softmax per key
-source: ``out = sum_s exp(lse_s - lse) * out_s``. The own part ``out_s`` is the SDPA output already computed for
-the row, so a reference that is masked out everywhere changes nothing at all (its weight is exactly 0) and
-unassigned RBA pixels are bit-identical to plain self-attention. Queries are processed in chunks so the explicit
-logits stay small at 64x64 latents.
+The joint softmax over ``[own keys, ref_1 keys, ...]`` is one fused ``scaled_dot_product_attention`` call with
+the weighted masks as an additive attention mask (no explicit N x N logits, ~10x faster than materialising them
+at 64x64 latents). A reference whose mask is empty at a layer's resolution is left out there, so with every
+reference masked out the layer is exactly plain self-attention, and unassigned RBA pixels keep the plain SDPA
+output bit for bit.
 
 The same processor records, through the project's ``AttentionStore``, the head-averaged plain self- and
 cross-attention probabilities of the conditional target on small layers: the input of the segmentation
@@ -32,11 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from .capture import AttentionStore, CaptureProcessor, select_layers
-
-#: logit of an excluded key: finite, so a fully excluded source yields weights of exactly 0 instead of NaN
-EXCLUDED = torch.finfo(torch.float32).min
-#: explicit logits are computed for at most this many (head x query x key) entries at a time
-CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -100,46 +95,35 @@ def finish(attn, out: torch.Tensor, p: Projected) -> torch.Tensor:
 
 
 def reference_bias(mask: torch.Tensor, weight: float) -> torch.Tensor:
-    """Logit offsets of one reference's keys from its (flattened) {0,1} mask: ``+weight`` inside, excluded outside."""
+    """Logit offsets of one reference's keys from its (flattened) {0,1} mask: ``+weight`` inside, ``-inf`` outside."""
     inside = mask.flatten() > 0.5
-    return torch.where(inside, torch.tensor(float(weight)), torch.tensor(EXCLUDED))
+    return torch.where(inside, torch.tensor(float(weight)), torch.tensor(float("-inf")))
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+def attend_with_references(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor,
+                           refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                           with_mass: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Queries ``q`` attending over their own keys and the references' keys in one softmax (RSA / RBA).
 
-
-def blend_references(q: torch.Tensor, k_own: torch.Tensor, out_own: torch.Tensor,
-                     refs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of queries ``q`` over their own keys and the references' keys (RSA / RBA).
-
-    ``q``: (heads, Nq, d); ``k_own``: (heads, Nk, d); ``out_own``: (heads, Nq, d), plain attention of ``q`` over its
-    own keys (the SDPA output); ``refs``: ``(k_i, v_i, bias_i)`` with ``bias_i`` (Nk_i,) from ``reference_bias``.
-    Returns the blended output (heads, Nq, d) in ``out_own``'s dtype and, per query, the attention mass on each
-    reference's keys averaged over heads, (Nq, R).
+    ``q``, ``k_own``, ``v_own``: (heads, N, d); ``refs``: ``(k_i, v_i, bias_i)`` with ``bias_i`` (N_i,) from
+    ``reference_bias``, added to reference ``i``'s logits. One fused SDPA call over the concatenated keys with the
+    biases as an additive mask. Returns the output (heads, Nq, d) and, with ``with_mass``, each query's attention
+    mass on each reference's keys averaged over heads, (Nq, R).
     """
-    heads, nq, _ = q.shape
-    total = sum(k.shape[1] for k, _, _ in refs) + k_own.shape[1]
-    step = max(1, CHUNK_ELEMENTS // max(1, heads * total))
-    outs, masses = [], []
-    for a in range(0, nq, step):
-        qc = q[:, a:a + step]
-        lse = [torch.logsumexp(_logits(qc, k_own, scale), dim=-1)]
-        parts = []
-        for k_i, v_i, bias_i in refs:
-            logits = _logits(qc, k_i, scale) + bias_i
-            lse_i = torch.logsumexp(logits, dim=-1)
-            parts.append(torch.matmul(logits.sub_(lse_i[..., None]).exp_(), v_i.float()))
-            lse.append(lse_i)
-        lse = torch.stack(lse)  # (1 + R, heads, chunk)
-        weights = torch.exp(lse - torch.logsumexp(lse, dim=0))
-        out = weights[0, ..., None] * out_own[:, a:a + step].float()
-        for w_i, part in zip(weights[1:], parts):
-            out = out + w_i[..., None] * part
-        outs.append(out.to(out_own.dtype))
-        masses.append(weights[1:].mean(dim=1).T)
-    return torch.cat(outs, dim=1), torch.cat(masses, dim=0)
+    keys = torch.cat([k_own] + [k for k, _, _ in refs], dim=1)
+    values = torch.cat([v_own] + [v for _, v, _ in refs], dim=1)
+    bias = torch.cat([q.new_zeros(k_own.shape[1])] + [b.to(q.dtype) for _, _, b in refs])
+    out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=bias.view(1, 1, 1, -1))[0]
+    if not with_mass:
+        return out, None
+    source = torch.zeros(keys.shape[1], len(refs), dtype=q.dtype, device=q.device)
+    first = k_own.shape[1]
+    for i, (k, _, _) in enumerate(refs):
+        source[first:first + k.shape[1], i] = 1
+        first += k.shape[1]
+    indicator = source.expand(q.shape[0], -1, -1)
+    mass = F.scaled_dot_product_attention(q[None], keys[None], indicator[None], attn_mask=bias.view(1, 1, 1, -1))[0]
+    return out, mass.mean(0).float()
 
 
 @dataclass
@@ -168,11 +152,13 @@ class MagicFaceState:
     def set_masks(self, ref_masks: torch.Tensor) -> None:
         self.ref_masks, self._bias = ref_masks, {}
 
-    def biases(self, side: int, device) -> list[torch.Tensor]:
-        """Per reference, its keys' logit offsets at a ``side`` x ``side`` layer (cached)."""
+    def biases(self, side: int, device) -> list[torch.Tensor | None]:
+        """Per reference, its keys' logit offsets at a ``side`` x ``side`` layer, None where its mask is empty there
+        (cached)."""
         if side not in self._bias:
             small = F.interpolate(self.ref_masks[:, None].float(), size=(side, side), mode="nearest")[:, 0]
-            self._bias[side] = [reference_bias(m, w).to(device) for m, w in zip(small, self.weights)]
+            self._bias[side] = [reference_bias(m, w).to(device) if m.any() else None
+                                for m, w in zip(small, self.weights)]
         return self._bias[side]
 
     def routing(self, side: int) -> torch.Tensor | None:
@@ -204,7 +190,7 @@ class MagicFaceProcessor(CaptureProcessor):
         if t >= batch:
             return finish(attn, out, p)
         if self.store.active and nq <= self.store.full_max_tokens:
-            logits = _logits(p.query[t], p.key[t], attn.scale)
+            logits = torch.matmul(p.query[t].float(), p.key[t].float().transpose(-1, -2)) * attn.scale
             if p.mask is not None:
                 logits = logits + p.mask[t].float()
             self.store.record(self.name, logits.softmax(dim=-1), 1, p.is_cross)
@@ -219,19 +205,22 @@ class MagicFaceProcessor(CaptureProcessor):
         if side * side != nq or p.mask is not None:
             raise ValueError(f"MagicFace needs square latents and unmasked self-attention ({self.name})")
         biases = st.biases(side, out.device)
-        refs = [(p.key[st.first_ref + i], p.value[st.first_ref + i], biases[i]) for i in range(st.n_refs)]
+        visible = [i for i in range(st.n_refs) if biases[i] is not None]  # masks not empty at this resolution
+        refs = {i: (p.key[st.first_ref + i], p.value[st.first_ref + i], biases[i]) for i in visible}
+        q, k, v, keep = p.query[t], p.key[t], p.value[t], st.record_mass
         mass = torch.zeros(nq, st.n_refs)
-        if st.mode == "rsa":
-            out[t], mass = blend_references(p.query[t], p.key[t], out[t], refs, attn.scale)
-        else:
-            route = st.routing(side)
-            for i in range(st.n_refs if route is not None else 0):
-                rows = torch.nonzero(route == i).flatten().to(out.device)
-                if rows.numel() == 0:
-                    continue
-                blended, m = blend_references(p.query[t][:, rows], p.key[t], out[t][:, rows], [refs[i]], attn.scale)
-                out[t, :, rows] = blended
-                mass[rows.cpu(), i] = m[:, 0].cpu()
+        if st.mode == "rsa" and visible:
+            out[t], m = attend_with_references(q, k, v, [refs[i] for i in visible], keep)
+            if keep:
+                mass[:, visible] = m.cpu()
+        elif st.mode == "rba" and st.assignment is not None:
+            route = st.routing(side).to(out.device)
+            for i in visible:
+                rows = torch.nonzero(route == i).flatten()
+                if rows.numel():
+                    out[t, :, rows], m = attend_with_references(q[:, rows], k, v, [refs[i]], keep)
+                    if keep:
+                        mass[rows.cpu(), i] = m[:, 0].cpu()
         if st.record_mass:
             st.mass[self.name] = mass.detach().cpu()
 
