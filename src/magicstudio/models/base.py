@@ -1,6 +1,7 @@
 """``load_base``: one entry point for every way a user names a Stable Diffusion 1.x/2.x model.
 
-- ``"tiny"``: the built-in random-weight model (tests, demo).
+- ``"tiny"``: the built-in random-weight model (tests).
+- ``"toyworld"``: the small LDM trained on the toy world (``magicstudio toyworld pretrain``; the demo's model).
 - a local diffusers folder (has ``model_index.json``), e.g. one written by ``magicstudio tiny-model``.
 - a single-file checkpoint (``.safetensors``, A1111/ComfyUI style; ``.ckpt`` only if it holds plain tensors).
 - a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (downloaded, or read from the local cache).
@@ -86,6 +87,10 @@ def load_base(model: str = "tiny", dtype: torch.dtype | None = None, seed: int =
     if model == "tiny":
         comps = build_tiny(seed)
         return comps.to(dtype=dtype) if dtype is not None else comps
+    if model == "toyworld":
+        from .toyworld import load_toyworld
+
+        return load_toyworld(dtype=dtype)
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -118,10 +118,14 @@ def load_face_encoder(
     device: torch.device | str = "cpu",
 ) -> FaceEncoder | None:
     """Face encoder from a user setting: ``None`` -> ``None`` (the caller warns that the identity loss is off);
-    ``"tiny"`` or ``"tiny:SEED"`` -> random tiny ArcFace; a path -> :meth:`ArcFaceEncoder.from_weights`."""
+    ``"tiny"`` or ``"tiny:SEED"`` -> random tiny ArcFace; ``"toyworld[:PATH]"`` -> the toy world's face network; a path -> :meth:`ArcFaceEncoder.from_weights`."""
     if spec is None or isinstance(spec, FaceEncoder):
         return spec
     text = str(spec)
+    if text == "toyworld" or text.startswith("toyworld:"):  # the toy world's face network (models/toyworld.py)
+        from .toyworld import ToyFaceEncoder, load_toy_encoders
+
+        return ToyFaceEncoder(load_toy_encoders(text.partition(":")[2] or None)["face"]).to(device)
     if text == "tiny" or text.startswith("tiny:"):
         seed = text.partition(":")[2] or "0"
         if not seed.isdigit():
