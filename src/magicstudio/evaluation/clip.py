@@ -218,10 +218,15 @@ def tiny_clip_config(image_size: int = 64, projection_dim: int = 16):
 
 
 def load_clip(spec: str | None = None, seed: int = 0) -> ClipEmbedder:
-    """CLIP from ``spec``: None -> ViT-L/14 (``openai/clip-vit-large-patch14``); ``"tiny"``; a folder; a hub id."""
+    """CLIP from ``spec``: None -> ViT-L/14 (``openai/clip-vit-large-patch14``); ``"tiny"``; a folder; a hub id;
+    ``"toyworld[:PATH]"``: the toy world's style encoder (images only: the Style metric of the toy experiment)."""
     from transformers import CLIPModel
 
     spec = str(spec or DEFAULT_CLIP)
+    if spec == "toyworld" or spec.startswith("toyworld:"):  # the toy world's style encoder (image side only)
+        from ..models.toyworld import ToyEmbedder, load_toy_encoders
+
+        return ToyEmbedder("style", load_toy_encoders(spec.partition(":")[2] or None)["style"])
     if spec == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

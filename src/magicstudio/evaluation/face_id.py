@@ -25,7 +25,7 @@ import torch
 from ..data.faces import Face
 from ..errors import UserError
 
-BACKENDS = ("dlib", "arcface", "insightface")
+BACKENDS = ("dlib", "arcface", "insightface", "toyworld")
 
 
 class FaceEmbedder(ABC):
@@ -154,6 +154,21 @@ class InsightFaceEmbedder(FaceEmbedder):
         return _unit(out[0])
 
 
+class ToyworldEmbedder(FaceEmbedder):
+    """The toy world's identity encoder (``magicstudio.models.toyworld``): CSIM of the toy experiment. It reads the
+    fixed head window of the picture, so it needs no face detector and ignores ``face``."""
+
+    def __init__(self, weights: str | None = None) -> None:
+        from ..models.toyworld import ToyEmbedder, load_toy_encoders, toyworld_weights, ENCODERS_FILE
+
+        self.weights = str(weights or toyworld_weights(ENCODERS_FILE)) + "#identity"
+        self._embedder = ToyEmbedder("identity", load_toy_encoders(weights)["identity"])
+        self.name = "toyworld-identity"
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        return _unit(self._embedder.image_embeddings([image])[0].numpy())
+
+
 def parse_backend(spec: str) -> tuple[str, str | None]:
     """``"dlib"`` / ``"arcface:PATH"`` / ``"insightface:PATH"`` / a bare path -> (backend, weights)."""
     spec = str(spec).strip()
@@ -171,6 +186,8 @@ def load_face_embedder(spec: str) -> FaceEmbedder:
     backend, weights = parse_backend(spec)
     if backend == "dlib":
         return DlibEmbedder()
+    if backend == "toyworld":
+        return ToyworldEmbedder(weights)
     if not weights:
         example = "arcface:/path/backbone.pth" if backend == "arcface" else "insightface:/path/w600k_r50.onnx"
         raise UserError(f"the {backend} backend needs weights (none ship with any package): --face-backend {example}")
