@@ -28,6 +28,8 @@ def train_cmd(
     face_encoder: Optional[str] = typer.Option(None, "--face-encoder", help="ArcFace weights (backbone.pth or .safetensors) for the identity loss."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size (default: the model's)."),
     mode: str = typer.Option("portrait", "--mode", help="portrait, or object (the supplement's general-object variant)."),
+    object_class: Optional[str] = typer.Option(None, "--object-class", help="Object mode: the class word (e.g. vase)."),
+    dino_model: Optional[str] = typer.Option(None, "--dino-model", help="Object mode: DINO ViT for the structure/style losses (Eq. 11), e.g. facebook/dino-vitb8."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     cache_latents: bool = typer.Option(False, "--cache-latents", help="Encode images once (turns colour jitter off)."),
@@ -41,7 +43,7 @@ def train_cmd(
 
     overrides = dict(model=model, ti_steps=ti_steps, lora_steps=lora_steps, face_encoder=face_encoder,
                      resolution=resolution, mode=mode, mixed_precision=mixed_precision, seed=seed,
-                     checkpoint_every=checkpoint_every)
+                     checkpoint_every=checkpoint_every, object_class=object_class, dino_model=dino_model)
     if no_ar:
         overrides["use_ar"] = False
     if no_composed:

@@ -3,6 +3,7 @@
 from .attention import attention_outside, attention_refocusing_loss, attention_spill, minmax_scale
 from .identity import identity_loss, tweedie_x0
 from .reconstruction import denoising_loss, masked_denoising_loss
+from .structure import key_self_similarity, patch_contrastive_loss, self_similarity_loss, style_cls_loss
 
 __all__ = [
     "attention_outside",
@@ -13,4 +14,8 @@ __all__ = [
     "tweedie_x0",
     "denoising_loss",
     "masked_denoising_loss",
+    "key_self_similarity",
+    "patch_contrastive_loss",
+    "self_similarity_loss",
+    "style_cls_loss",
 ]

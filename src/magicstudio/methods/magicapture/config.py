@@ -86,6 +86,11 @@ class CaptureConfig:
     face_encoder: str | None = None
     id_landmarks: str = "reference"  # "reference": the pseudo-label's landmarks; "detect": FaceAnalyzer on x0_hat
     id_region_decode: bool = True
+    # general-object mode, composed task (supplement Eq. 11): DINO structure + style losses
+    dino_model: str | None = None  # hub id / folder of a DINO ViT (facebook/dino-vitb8), "tiny"; None: off (warned)
+    lambda_ssim: float = 0.1
+    lambda_contra: float = 0.2
+    lambda_style: float = 2.0
     # bookkeeping
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -125,6 +130,7 @@ PRESETS: dict[str, dict] = {
         sample_steps=10,
         lr_schedule="constant",
         face_encoder="tiny",
+        dino_model="tiny",
     ),
 }
 

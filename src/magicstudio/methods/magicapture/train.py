@@ -8,6 +8,10 @@ Phase 2, LoRA + embeddings (Eq. 10): L_s + L_r + L_c + l_id * L_id + l_attn * L_
 one of three tasks in equal proportion; the composed task (Eq. 6) uses the reference image as pseudo-label
 under a composed prompt with the non-face mask, plus the identity loss (Eq. 7) on the face of the Tweedie
 estimate x0_hat; Attention Refocusing (Eq. 8) steers the special tokens' cross-attention in every task.
+
+General objects (supplement): the source is reconstructed inside its mask, the reference without one, and the
+composed task trains the DINO structure + style losses of Eq. 11 on the decoded x0_hat instead of the pseudo-label
+reconstruction (structure from a source image, style from the reference image).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch.nn.functional as F
 
 from ...attention.capture import AttentionStore, install_capture, select_layers, stack_token_maps
 from ...losses import (attention_outside, attention_refocusing_loss, attention_spill, identity_loss,
-                       masked_denoising_loss, tweedie_x0)
+                       masked_denoising_loss, patch_contrastive_loss, self_similarity_loss, style_cls_loss,
+                       tweedie_x0)
 from ...data.masks import downsample_mask
 from ...models.face_align import align_faces, alignment_matrix
 from ...models.tokens import TokenSpec, add_placeholder_tokens, make_trainable, token_vectors
@@ -70,6 +75,17 @@ class MagiCapture:
                 log.warning("identity loss (Eq. 7) is OFF: no face-recognition weights were given (--face-encoder PATH)")
             else:
                 self.source_identity = self._source_identity()
+        # general objects: DINO structure/style losses on the composed task (supplement, Eq. 11)
+        self.dino = None
+        if cfg.mode == "object" and cfg.use_composed:
+            if not cfg.dino_model:
+                log.warning("object mode: the DINO structure/style losses (Eq. 11) are OFF: no DINO ViT was given "
+                            "(--dino-model facebook/dino-vitb8 or a local folder); the composed task falls back to "
+                            "the pseudo-label reconstruction")
+            else:
+                from ...models.dino import load_dino_features
+
+                self.dino = load_dino_features(cfg.dino_model, self.device)
         self.data = ConceptSampler(comps, {"source": source, "reference": reference}, self.generator, self.device,
                                    cfg.hflip, cfg.color_jitter, cfg.cache_latents)
 
@@ -124,7 +140,7 @@ class MagiCapture:
         tasks = TASKS_TI if phase == "textual_inversion" else (TASKS_LORA if cfg.use_composed else TASKS_TI)
         task = tasks[int(torch.randint(len(tasks), (1,), generator=self.generator))]
         concept = "source" if task == "source" else "reference"
-        z0, face, lm, box, _ = self._draw(concept)
+        z0, face, lm, box, index = self._draw(concept)
         size = self.latent_size
         face_lat = downsample_mask(face, size)  # nearest, as the authors do (METHODS.md)
         if task == "source":
@@ -135,7 +151,8 @@ class MagiCapture:
             mask = 1 - face_lat  # Eqs. 5, 6: non-face region of the reference
         t_max = cfg.ti_t_max if phase == "textual_inversion" else cfg.lora_t_max
         use_id = (task == "composed" and self.source_identity is not None and bool(torch.isfinite(box).all()))
-        if use_id and cfg.id_pass == "shared":
+        use_structure = task == "composed" and self.dino is not None and phase == "lora"
+        if use_structure or (use_id and cfg.id_pass == "shared"):
             t_max = min(t_max, cfg.t_id_max)  # one pass serves L_c and L_id: t ~ U[0, T')
         noise = torch.randn(z0.shape, generator=self.generator).to(z0)
         t = torch.randint(0, t_max, (z0.shape[0],), generator=self.generator).to(self.device)
@@ -145,16 +162,20 @@ class MagiCapture:
         self.store.token_index = positions
         pred = self.comps.unet(z_t, t, emb).sample
         target = noise if self.comps.prediction_type == "epsilon" else self.comps.scheduler.get_velocity(z0, noise, t.cpu())
-        rec = masked_denoising_loss(pred, target, mask, cfg.mask_mode)
-        terms = {f"loss_{task}": rec.item()}
-        loss = rec
+        if use_structure:  # Eq. 11 replaces the pseudo-label reconstruction for general objects
+            loss, terms = self._structure_style(z_t, pred, t, index)
+        else:
+            rec = masked_denoising_loss(pred, target, mask, cfg.mask_mode)
+            terms = {f"loss_{task}": rec.item()}
+            loss = rec
 
         # Attention Refocusing (Eq. 8): which token is held to which mask in this task
         maps = stack_token_maps(self.store, size)  # (L, B, heads, S, S, K)
         targets = {"source": [(0, face_lat)], "reference": [(1, 1 - face_lat)],
                    "composed": [(0, face_lat), (1, 1 - face_lat)]}[task]
         if cfg.mode == "object":
-            targets = [(k, m) for k, m in targets if k == 0]  # the style token has no spatial target for objects
+            # the style token has no spatial target for objects, nor the object token on a reference image
+            targets = [] if task == "composed" else [(k, m) for k, m in targets if k == 0]
         ar_terms = []
         for k, m in targets:
             if int(positions[0, k]) < 0 or m.sum() == 0 or (1 - m).sum() == 0:
@@ -188,6 +209,26 @@ class MagiCapture:
                 terms["loss_id"] = l_id.item()
         terms["loss"] = loss.item()
         return StepOutput(loss, terms, task)
+
+    # ------------------------------------------------------------------ general objects (Eq. 11)
+    def _structure_style(self, z_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, ref_index: int):
+        """lambda_ssim L_ssim + lambda_contra L_contra + lambda_style L_style on the decoded Tweedie estimate:
+        structure (DINO keys) against a random source image, style (DINO [CLS]) against the drawn reference."""
+        cfg, vae = self.cfg, self.comps.vae
+        z0_hat = tweedie_x0(z_t, pred, self.alphas_cumprod, t, self.comps.prediction_type)
+        image = vae.decode((z0_hat / vae.config.scaling_factor).to(vae.dtype)).sample
+        k = int(torch.randint(len(self.source), (1,), generator=self.generator))
+        with torch.no_grad():
+            _, keys_src = self.dino(self.source.images[k:k + 1].to(self.device))
+            cls_ref, _ = self.dino(self.reference.images[ref_index:ref_index + 1].to(self.device))
+        cls_gen, keys_gen = self.dino(image)
+        l_ssim = self_similarity_loss(keys_gen, keys_src)
+        l_contra = patch_contrastive_loss(keys_gen, keys_src, generator=self.generator)
+        l_style = style_cls_loss(cls_gen, cls_ref)
+        loss = cfg.lambda_ssim * l_ssim + cfg.lambda_contra * l_contra + cfg.lambda_style * l_style
+        terms = {"loss_composed": loss.item(), "loss_ssim": l_ssim.item(), "loss_contra": l_contra.item(),
+                 "loss_style": l_style.item()}
+        return loss, terms
 
     # ------------------------------------------------------------------ identity
     def _face_region(self, box: torch.Tensor, landmarks: torch.Tensor | None = None) -> tuple[int, int, int, int]:
