@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -201,3 +202,29 @@ def test_cli_bad_inputs_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "not found" in err and "Traceback" not in err
     assert main(["capture", "train", "--source", "a", "--reference", "b", "--out", "c", "--preset", "nope"]) == 2
+
+
+def test_identity_landmarks_detect_mode(tiny, demo_sets, monkeypatch):
+    """``id_landmarks="detect"``: landmarks come from the face analyzer run on the decoded x0_hat (close to the
+    prepared landmarks on a real photo); no face found -> the identity loss is skipped (None), as the authors do;
+    a found face -> the loss with exactly those landmarks."""
+    from magicstudio.data.prepare import load_prepared
+    from magicstudio.losses import identity_loss
+    from magicstudio.models.face_align import align_faces
+
+    m = _method(tiny, demo_sets, id_landmarks="detect", resolution=256)
+    item = load_prepared(demo_sets[0])[0]
+    image = torch.from_numpy(np.array(item.load_image())).permute(2, 0, 1)[None].float() / 127.5 - 1
+    found = m._detect_landmarks(image)
+    assert found is not None and (found[0] - torch.tensor(item.landmarks5, dtype=torch.float32)).abs().max() < 6
+
+    z0_hat = torch.zeros(1, 4, m.latent_size, m.latent_size)
+    box = torch.tensor([[60.0, 60.0, 190.0, 190.0]])
+    lm = torch.full((1, 5, 2), 100.0)
+    monkeypatch.setattr(m, "decode_face", lambda z, b, region, hint: (image, torch.zeros(2)))
+    loss = m._identity(z0_hat, lm, box)
+    expected = identity_loss(m.face_encoder.embed(align_faces(image.clamp(-1, 1), found, 112)), m.source_identity)
+    assert loss is not None and torch.allclose(loss, expected, atol=1e-5)
+    blank = torch.zeros_like(image)
+    monkeypatch.setattr(m, "decode_face", lambda z, b, region, hint: (blank, torch.zeros(2)))
+    assert m._identity(z0_hat, lm, box) is None
