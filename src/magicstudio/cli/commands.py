@@ -8,3 +8,4 @@ from . import face  # noqa: F401
 from . import evaluate  # noqa: F401
 from . import bench  # noqa: F401
 from . import postprocess  # noqa: F401
+from . import toyworld  # noqa: F401

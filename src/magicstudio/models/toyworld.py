@@ -170,19 +170,20 @@ def load_toyworld(path: str | os.PathLike | None = None, dtype: torch.dtype | No
 # --------------------------------------------------------------------------------------------------------------
 
 class AttributeNet(nn.Module):
-    """Small CNN: image in [-1, 1] -> one logit vector per attribute."""
+    """Small CNN: image in [-1, 1] -> one logit vector per attribute. ``pool="max"`` (global max pooling) keeps
+    few-pixel details such as eye colour from being averaged away."""
 
-    def __init__(self, classes: list[int], width: int = 32) -> None:
+    def __init__(self, classes: list[int], width: int = 32, pool: str = "avg") -> None:
         super().__init__()
         w = width
-        self.classes = list(classes)
+        self.classes, self.width, self.pool = list(classes), width, pool
         self.features = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
             nn.Conv2d(w, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
             nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
             nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.heads = nn.ModuleList(nn.Linear(4 * w, c) for c in classes)
 
@@ -283,19 +284,20 @@ def load_toy_encoders(path: str | os.PathLike | None = None) -> dict[str, Attrib
         keys = list(f.keys())
         for kind in ("identity", "face", "style"):
             classes = [int(c) for c in meta[f"{kind}.classes"].split(",")]
-            net = AttributeNet(classes, width=int(meta.get(f"{kind}.width", 32)))
+            net = AttributeNet(classes, width=int(meta.get(f"{kind}.width", 32)), pool=meta.get(f"{kind}.pool", "avg"))
             net.load_state_dict({k[len(kind) + 1:]: f.get_tensor(k).float() for k in keys if k.startswith(kind + ".")})
             nets[kind] = net.eval()
     return nets
 
 
-def save_toy_encoders(nets: dict[str, AttributeNet], path: str | os.PathLike, width: int = 32) -> Path:
+def save_toy_encoders(nets: dict[str, AttributeNet], path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     state, meta = {}, {"format": "magicstudio-toyworld-encoders"}
     for kind, net in nets.items():
         meta[f"{kind}.classes"] = ",".join(map(str, net.classes))
-        meta[f"{kind}.width"] = str(width)
+        meta[f"{kind}.width"] = str(net.width)
+        meta[f"{kind}.pool"] = net.pool
         state.update({f"{kind}.{k}": v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

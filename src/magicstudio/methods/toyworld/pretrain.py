@@ -47,6 +47,7 @@ class PretrainConfig:
     cond_drop: float = 0.1
     data_size: int = 40000
     encoder_steps: int = 500
+    identity_encoder_steps: int = 1500  # the CSIM network: eye colour is two pixels in its window
     encoder_batch: int = 64
     checkpoint_every: int = 250
 
@@ -257,13 +258,14 @@ def train_encoders(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, tw.At
     nets, accuracy = {}, {}
     for k, (kind, classes) in enumerate((("identity", id_classes), ("face", id_classes), ("style", st_classes))):
         torch.manual_seed(cfg.seed + 10 + k)
-        net = tw.AttributeNet(classes)
+        net = tw.AttributeNet(classes, pool="max" if kind == "identity" else "avg")
+        steps = cfg.identity_encoder_steps if kind == "identity" else cfg.encoder_steps
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
         rng = np.random.default_rng([cfg.seed, 5, k])
         t0 = time.time()
-        for step in range(cfg.encoder_steps):
+        for step in range(steps):
             for g in opt.param_groups:
-                g["lr"] = 2e-3 * _cosine_lr(step, cfg.encoder_steps, warmup=50, floor=0.02)
+                g["lr"] = 2e-3 * _cosine_lr(step, steps, warmup=50, floor=0.02)
             x, aligned, ids, sts = _face_batch(rng, cfg.encoder_batch)
             labels = sts if kind == "style" else ids
             logits = net(_encoder_input(kind, x, aligned))
@@ -278,7 +280,7 @@ def train_encoders(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, tw.At
             labels = sts if kind == "style" else ids
             logits = net(_encoder_input(kind, x, aligned))
             accuracy[kind] = [round(float((z.argmax(-1) == labels[:, i]).float().mean()), 3) for i, z in enumerate(logits)]
-        _say(f"  {kind} encoder: {cfg.encoder_steps} steps in {time.time() - t0:.0f} s; held-out accuracy per "
+        _say(f"  {kind} encoder: {steps} steps in {time.time() - t0:.0f} s; held-out accuracy per "
              f"attribute {accuracy[kind]}", progress)
         nets[kind] = net
     return nets, accuracy
@@ -334,7 +336,8 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
             table[keep] = tw.initial_token_embedding(cfg.seed)[keep]
         summary["ldm_file"] = str(tw.save_toyworld(comps, dest / tw.LDM_FILE, ids, cfg.seed))
     if "encoders" in stages:
-        _say(f"3/3 toy identity, face and style encoders ({cfg.encoder_steps} steps each)", progress)
+        _say(f"3/3 toy identity, face and style encoders ({cfg.identity_encoder_steps} / {cfg.encoder_steps} / "
+             f"{cfg.encoder_steps} steps)", progress)
         t0 = time.time()
         nets, acc = train_encoders(cfg, progress)
         summary["encoders_s"] = round(time.time() - t0)

@@ -1,0 +1,297 @@
+"""``magicstudio toyworld table``: the paper's Table 1 in miniature, on held-out toy identities and styles.
+
+Pair ``i`` = held-out identity ``i`` (5 pictures in pretraining styles) x held-out style ``i`` (5 pretraining
+people in that style), written as prepared folders (masks and landmarks from the generator). Every method is
+trained, sampled with the composed prompt and scored by the real benchmark harness (``methods/bench.py``) with the
+toy encoders plugged into ``evaluate_images`` (``face_backend="toyworld"`` -> toy-CSIM, ``clip_model="toyworld"``
+-> toy-Style). On top, per generated image, the identity token's **attention spill**: the share of its
+cross-attention (conditional branch, layers at 1/2 of the latent resolution = 8x8, averaged over heads, layers and
+steps) that falls outside the face, where the face is the un-jittered face ellipse of the world (faces of this
+world sit within ~2.5 px of it). Two reference rows frame the numbers: ``ideal`` = fresh renders of the held-out
+person in the held-out style (the ceiling), ``base`` = the pretrained model with "a photo of a person" (chance).
+
+Layout: ``OUT/pairs/pair-<i>/{source,reference}``, ``OUT/bench/`` (the harness's cells and report),
+``OUT/spill/<pair>/<method>.json``, ``OUT/table.md``, ``OUT/table.json``, ``OUT/grids/<method>.png``, ``OUT/grid.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...data import toyworld as world
+from ...errors import UserError
+from ...io import atomic_write, write_json
+
+DEFAULT_METHODS = ("magicapture", "magicapture-no-ar-cp", "dreambooth", "textual-inversion", "custom-diffusion")
+N_PAIRS = len(world.HELD_OUT_IDENTITIES)
+SPILL_LAYERS = "res:2"
+
+#: per-method settings of the toy experiment (on top of each method's ``smoke`` preset)
+TOY_SETTINGS: dict[str, dict] = {
+    "*": dict(model="toyworld"),
+    # colour is identity (skin, hair) and style (palette) in this world: no colour jitter (baselines have none)
+    "magicapture": dict(ti_steps=150, lora_steps=450, face_encoder="toyworld", ar_layers=SPILL_LAYERS,
+                        color_jitter=0.0, checkpoint_every=200, sample_steps=10),
+    "dreambooth": dict(steps=400, lr=5e-5, num_class_images=20, class_steps=20, checkpoint_every=200),
+    "textual-inversion": dict(steps=600, lr=5e-3, checkpoint_every=200),
+    "custom-diffusion": dict(steps=400, lr=5e-4, checkpoint_every=200),
+}
+QUICK_SETTINGS: dict[str, dict] = {
+    "*": dict(model="toyworld"),
+    "magicapture": dict(ti_steps=4, lora_steps=8, face_encoder="toyworld", ar_layers=SPILL_LAYERS, checkpoint_every=50),
+    "dreambooth": dict(steps=6, num_class_images=2, class_steps=4, checkpoint_every=50),
+    "textual-inversion": dict(steps=6, checkpoint_every=50),
+    "custom-diffusion": dict(steps=6, checkpoint_every=50),
+}
+
+
+def _method_settings(method: str, table: dict[str, dict]) -> dict:
+    key = "magicapture" if method.startswith("magicapture") else method
+    return dict(table.get(key, {}))
+
+
+def write_pairs(out: Path, pairs: list[int], n_images: int = 5) -> list:
+    """Held-out pairs as prepared folders; returns bench ``Pair``s."""
+    from ..bench import Pair
+
+    result = []
+    for i in pairs:
+        root = out / "pairs" / f"pair-{i}"
+        src, ref = root / "source", root / "reference"
+        for kind, folder in (("identity", src), ("style", ref)):
+            if not (folder / "manifest.json").is_file():
+                world.write_concept_set(world.concept_set(kind, i, n_images), folder,
+                                        "source" if kind == "identity" else "reference")
+        result.append(Pair(f"pair-{i}", src, ref))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention spill of the identity token during generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def face_region(size: int) -> torch.Tensor:
+    """The un-jittered face ellipse as a float mask [1, 1, size, size]."""
+    p = world.render(world.HELD_OUT_IDENTITIES[0], world.HELD_OUT_STYLES[0], jitter=False)
+    m = torch.from_numpy(p.masks["face"].astype(np.float32) / 255.0)[None, None]
+    return torch.nn.functional.adaptive_avg_pool2d(m, size) if size != m.shape[-1] else m
+
+
+@torch.no_grad()
+def generation_spill(run_dir: Path, prompt: str, n: int, seed: int, steps: int, guidance: float) -> list[float]:
+    """Per image (seeds ``seed..seed+n-1``, as the harness generated them): share of the identity token's attention
+    outside the face region, at :data:`SPILL_LAYERS`."""
+    from ...losses.attention import attention_spill
+    from ..magicapture.generate import load_run_pipeline
+    from ..sampling import AttentionRecorder
+
+    pipe, cfg, tokens = load_run_pipeline(run_dir, "ddim")
+    v1 = cfg["v1"]
+    tid = pipe.tokenizer.convert_tokens_to_ids(v1)
+    size = int(cfg.get("resolution") or 64)
+    values = []
+    for i in range(n):
+        rec = AttentionRecorder(pipe, [tid], SPILL_LAYERS)
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        rec.set_prompt_ids(ids, n_uncond=1 if guidance > 1 else 0)
+        with rec:
+            pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                 generator=torch.Generator().manual_seed(seed + i), callback_on_step_end=rec.callback)
+        heat = rec.maps()[0][..., 0]  # (S, S)
+        maps = heat[None, None, None, :, :]  # (L=1, B=1, heads=1, S, S)
+        values.append(float(attention_spill(maps, face_region(heat.shape[-1]))[0]))
+    return values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference rows
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _write_images(images: list[np.ndarray], folder: Path) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        p = folder / f"{i:03d}.png"
+        Image.fromarray(im).save(p)
+        paths.append(p)
+    return paths
+
+
+def reference_rows(out: Path, pairs: list, n: int, seed: int, steps: int, guidance: float) -> dict[str, dict]:
+    """``ideal`` (renders of the held-out person in the held-out style) and ``base`` (the pretrained model,
+    "a photo of a person") scored like the methods."""
+    from ...evaluation import evaluate_images
+    from ...models.base import load_base
+
+    rows: dict[str, dict] = {"ideal": {}, "base": {}}
+    comps = None
+    for pair in pairs:
+        i = int(pair.name.split("-")[1])
+        rng = np.random.default_rng([seed, i, 7])
+        ideal = [world.render(world.HELD_OUT_IDENTITIES[i], world.HELD_OUT_STYLES[i], rng).image for _ in range(n)]
+        ideal_dir = out / "reference-rows" / pair.name / "ideal"
+        base_dir = out / "reference-rows" / pair.name / "base"
+        _write_images(ideal, ideal_dir)
+        if not base_dir.is_dir() or len(list(base_dir.glob("*.png"))) < n:
+            comps = comps or load_base("toyworld")
+            pipe = comps.pipeline(scheduler=comps.inference_scheduler("ddim"))
+            imgs = [np.asarray(pipe(prompt="a photo of a person", num_inference_steps=steps, guidance_scale=guidance,
+                                    height=64, width=64, generator=torch.Generator().manual_seed(seed + k)).images[0])
+                    for k in range(n)]
+            _write_images(imgs, base_dir)
+        for name, folder in (("ideal", ideal_dir), ("base", base_dir)):
+            rep = evaluate_images(sorted(folder.glob("*.png")), pair.source, pair.reference, metrics=["csim", "style"],
+                                  face_backend="toyworld", clip_model="toyworld")
+            rows[name][pair.name] = {m: [im[m] for im in rep["images"]] for m in ("csim", "style")}
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _stats(per_pair: dict[str, list[float]]) -> tuple[float | None, float | None, float | None]:
+    """mean and std over all values, std of the per-pair means."""
+    vals = [v for vs in per_pair.values() for v in vs if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None, None
+    means = [float(np.mean([v for v in vs if v is not None])) for vs in per_pair.values() if vs]
+    return float(np.mean(vals)), float(np.std(vals)), float(np.std(means)) if len(means) > 1 else 0.0
+
+
+def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] = DEFAULT_METHODS,
+              images: int = 8, steps: int = 25, guidance: float = 5.0, seed: int = 0, quick: bool = False,
+              progress: bool = True) -> dict:
+    """Run (or resume) the toy experiment and write ``table.md`` / ``table.json`` / grids into ``out``."""
+    from ...models.toyworld import toyworld_weights, ENCODERS_FILE
+    from ..bench import BenchSettings, run_bench
+
+    from ..baselines import METHODS
+
+    if not 1 <= n_pairs <= N_PAIRS:
+        raise UserError(f"--pairs must be between 1 and {N_PAIRS} (the held-out identities and styles)")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for f in (toyworld_weights(), toyworld_weights(ENCODERS_FILE)):
+        if not f.is_file():
+            raise UserError(f"the toy world is not trained yet ({f} missing): run `magicstudio toyworld pretrain`")
+    out = Path(out)
+    t0 = time.time()
+    pairs = write_pairs(out, list(range(n_pairs)))
+    table = QUICK_SETTINGS if quick else TOY_SETTINGS
+    overrides: dict[str, dict] = {"*": dict(table["*"])}
+    for m in methods:
+        overrides[m] = _method_settings(m, table)
+    settings = BenchSettings(methods=list(methods), images_per_pair=images, preset="smoke", seed=seed, steps=steps,
+                             guidance=guidance, metrics=["csim", "style"], face_backend="toyworld",
+                             eval_options={"clip_model": "toyworld"}, overrides=overrides)
+    result = run_bench(pairs, settings, out / "bench", progress=progress)
+    timings = {}
+
+    # attention spill of the identity token, per cell (cached)
+    spill: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    for cell in result.cells:
+        if cell.get("status") != "done":
+            continue
+        path = out / "spill" / cell["pair"] / f"{cell['method']}.json"
+        if path.is_file():
+            values = json.loads(path.read_text())
+        else:
+            run_dir = out / "bench" / "cells" / cell["pair"] / cell["method"] / "run"
+            values = generation_spill(run_dir, cell["prompt"], images, seed, steps, guidance)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, values)
+        spill[cell["method"]][cell["pair"]] = values
+        timings[f"{cell['pair']}/{cell['method']}"] = cell.get("timings", {})
+
+    # per-image metric values from the harness's eval.json files
+    values: dict[str, dict[str, dict[str, list]]] = {m: {"csim": {}, "style": {}, "spill": spill[m]} for m in methods}
+    for cell in result.cells:
+        ev = out / "bench" / "cells" / cell["pair"] / cell["method"] / "eval.json"
+        if cell.get("status") == "done" and ev.is_file():
+            rep = json.loads(ev.read_text())
+            for m in ("csim", "style"):
+                values[cell["method"]][m][cell["pair"]] = [im.get(m) for im in rep["images"]]
+    refs = reference_rows(out, pairs, images, seed, steps, guidance)
+    for name, per_pair in refs.items():
+        values[name] = {"csim": {p: v["csim"] for p, v in per_pair.items()},
+                        "style": {p: v["style"] for p, v in per_pair.items()}, "spill": {}}
+
+    rows = []
+    for method, by_metric in values.items():
+        row = {"method": method}
+        for metric, per_pair in by_metric.items():
+            mean, std, pair_std = _stats(per_pair)
+            row[metric] = {"mean": mean, "std": std, "pair_std": pair_std}
+        rows.append(row)
+    summary = {"pairs": [p.name for p in pairs], "methods": list(methods), "images_per_pair": images,
+               "sampling_steps": steps, "guidance": guidance, "seed": seed, "quick": quick,
+               "settings": overrides, "rows": rows, "values": values, "failed": [
+                   {"pair": c["pair"], "method": c["method"], "error": c.get("error")} for c in result.failed],
+               "timings": timings, "total_s": round(time.time() - t0)}
+    write_json(out / "table.json", summary)
+    md = markdown(summary)
+    atomic_write(out / "table.md", lambda p: p.write_text(md))
+    write_grids(out, pairs, list(methods), images)
+    return summary
+
+
+def _cell(stat: dict, digits: int = 3) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f} ({stat['pair_std']:.{digits}f})"
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"| method | toy-CSIM ↑ | toy-Style ↑ | attention spill of <v1> ↓ |", "|---|---:|---:|---:|"]
+    for row in summary["rows"]:
+        name = {"ideal": "*ideal (renders of the target)*", "base": "*base model, no personalisation*"}.get(
+            row["method"], row["method"])
+        lines.append(f"| {name} | {_cell(row['csim'])} | {_cell(row['style'])} | {_cell(row['spill'])} |")
+    lines += ["", f"mean ± std over {summary['images_per_pair']} images x {len(summary['pairs'])} pair(s) "
+              f"(std of the per-pair means in brackets); composed prompt, {summary['sampling_steps']} DDIM steps, "
+              f"guidance {summary['guidance']}, seeds {summary['seed']}..{summary['seed'] + summary['images_per_pair'] - 1}."]
+    if summary["failed"]:
+        lines += ["", "Failed cells: " + "; ".join(f"{f['pair']}/{f['method']}: {f['error']}" for f in summary["failed"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_grids(out: Path, pairs: list, methods: list[str], images: int, per_row: int = 4) -> None:
+    """``grids/<method>.png`` (one row per pair) and ``grid.png``: per pair, 2 sources, 2 references, then
+    ``per_row`` images of each method."""
+    from PIL import Image
+
+    def load(p: Path) -> np.ndarray:
+        return np.asarray(Image.open(p).convert("RGB").resize((64, 64)))
+
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    for method in methods:
+        tiles = []
+        for pair in pairs:
+            imgs = sorted((out / "bench" / "cells" / pair.name / method / "images").glob("*.png"))
+            tiles += [load(p) for p in imgs[:images]] + [blank] * (images - len(imgs[:images]))
+        if tiles:
+            world.grid(tiles, images).save(out / "grids" / f"{method}.png")
+    tiles = []
+    for pair in pairs[:2]:
+        tiles += [load(p) for p in sorted((pair.source / "images").glob("*.png"))[:2]]
+        tiles += [load(p) for p in sorted((pair.reference / "images").glob("*.png"))[:2]]
+        for method in methods:
+            imgs = sorted((out / "bench" / "cells" / pair.name / method / "images").glob("*.png"))[:per_row]
+            tiles += [load(p) for p in imgs] + [blank] * (per_row - len(imgs))
+    if tiles:
+        world.grid(tiles, 4 + per_row * len(methods)).save(out / "grid.png")
