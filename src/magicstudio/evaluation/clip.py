@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
+from ..models.base import _offline
+from ..models.dino import IMAGENET_MEAN, IMAGENET_STD, tiny_vit_config  # noqa: F401 - tiny_vit_config re-exported
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,6 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dino-vits16"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BATCH = 8
 
 
@@ -150,12 +150,6 @@ def _from_pretrained(cls, spec: str, kind: str, flag: str, **kwargs):
         return cls.from_pretrained(spec, local_files_only=not local and _offline(), **kwargs)
     except Exception as exc:  # OSError (not cached / no network), ValueError (wrong architecture), ...
         raise _missing(kind, spec, flag, exc, local) from None
-
-
-def _offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 class ClipEmbedder:
@@ -281,13 +275,6 @@ class DinoEmbedder:
             cls = self.model(pixel_values=pixels).last_hidden_state[:, 0]
             out.append(F.normalize(cls.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
-
-
-def tiny_vit_config(image_size: int = 32):
-    from transformers import ViTConfig
-
-    return ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=37)
 
 
 def load_dino(spec: str | None = None, seed: int = 0) -> DinoEmbedder:

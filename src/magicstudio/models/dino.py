@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .base import _offline
 
 DEFAULT_DINO = "facebook/dino-vitb8"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,13 +55,20 @@ class DinoFeatures(nn.Module):
         return hidden[:, 0], captured["keys"][:, 1:]
 
 
+def tiny_vit_config(image_size: int = 32):
+    """A toy ViT of the DINO architecture (random weights: tests)."""
+    from transformers import ViTConfig
+
+    return ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=37)
+
+
 def tiny_dino(seed: int = 0, image_size: int = 32) -> DinoFeatures:
-    from transformers import ViTConfig, ViTModel
+    from transformers import ViTModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vit = ViTModel(ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=37), add_pooling_layer=False)
+        vit = ViTModel(tiny_vit_config(image_size), add_pooling_layer=False)
     return DinoFeatures(vit, f"dino-tiny(seed={seed})")
 
 
@@ -72,10 +80,9 @@ def load_dino_features(spec: str | os.PathLike | None = None, device: torch.devi
     if spec == "tiny" or spec.startswith("tiny:"):
         return tiny_dino(int(spec.partition(":")[2] or 0)).to(device)
     local = os.path.isdir(os.path.expanduser(spec))
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         vit = ViTModel.from_pretrained(os.path.expanduser(spec) if local else spec, add_pooling_layer=False,
-                                       local_files_only=offline and not local)
+                                       local_files_only=_offline() and not local)
     except Exception as exc:
         first = (str(exc).splitlines() or [exc.__class__.__name__])[0]
         raise UserError(f"could not load the DINO ViT {spec!r} ({first}); pass --dino-model with a local "
