@@ -78,6 +78,26 @@ class ConceptSampler:
         return latents, mask.to(self.device), lm, box, i
 
 
+def add_concept_tokens(comps, cfg, device: torch.device | str = "cpu", trainable: bool = True):
+    """The setup every method shares: move ``comps`` to ``device`` and freeze them, add ``cfg.v1`` / ``cfg.v2``
+    (initialised from ``cfg.v1_init`` / ``cfg.v2_init``, random inits drawn from ``cfg.seed + 7``) and, when
+    ``trainable``, wrap the text encoder's embedding so only the new rows train. Returns (token ids, the
+    ``PlaceholderEmbedding`` or None)."""
+    from ..models.tokens import TokenSpec, add_placeholder_tokens, make_trainable
+
+    comps.to(device)
+    for m in (comps.unet, comps.vae, comps.text_encoder):
+        m.requires_grad_(False)
+    init_gen = torch.Generator().manual_seed(cfg.seed + 7)
+    token_ids = add_placeholder_tokens(comps.tokenizer, comps.text_encoder,
+                                       [TokenSpec(cfg.v1, cfg.v1_init), TokenSpec(cfg.v2, cfg.v2_init)],
+                                       generator=init_gen)
+    embedding = make_trainable(comps.text_encoder, token_ids) if trainable else None
+    if embedding is not None:
+        embedding.to(device)
+    return token_ids, embedding
+
+
 def encode_prompt(comps, prompt: str | list[str], token_ids: list[int], device: torch.device | str = "cpu"):
     """Text-encoder hidden states of ``prompt`` (one string or a batch) and, per prompt, the position of each
     placeholder in ``token_ids`` (-1 where it does not occur): ((B, 77, D), (B, K))."""

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ...io import write_json
-from ...models.tokens import TokenSpec, add_placeholder_tokens
 from ..concepts import ConceptSet
 from ..magicapture import config as MC
-from ..personalize import ConceptSampler, encode_prompt
+from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
 from ..runs import RunDir
 from ..training import StepOutput
 
@@ -194,22 +193,11 @@ class Baseline(ABC):
 
     def __init__(self, cfg: BaselineConfig, comps, source: ConceptSet, reference: ConceptSet,
                  class_set: ConceptSet | None = None, device: torch.device | str = "cpu"):
-        from ...models.tokens import make_trainable
-
         self.cfg, self.comps, self.device = cfg, comps, torch.device(device)
         if cfg.prior and class_set is None:
             raise UserError(f"{cfg.method}: prior preservation is on but no class images were given")
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        comps.to(self.device)
-        for m in (comps.unet, comps.vae, comps.text_encoder):
-            m.requires_grad_(False)
-        init_gen = torch.Generator().manual_seed(cfg.seed + 7)
-        self.token_ids = add_placeholder_tokens(
-            comps.tokenizer, comps.text_encoder,
-            [TokenSpec(cfg.v1, cfg.v1_init), TokenSpec(cfg.v2, cfg.v2_init)], generator=init_gen)
-        self.embedding = make_trainable(comps.text_encoder, self.token_ids) if self.wrap_tokens else None
-        if self.embedding is not None:
-            self.embedding.to(self.device)
+        self.token_ids, self.embedding = add_concept_tokens(comps, cfg, self.device, trainable=self.wrap_tokens)
         if cfg.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()
         concepts = {"source": source, "reference": reference}

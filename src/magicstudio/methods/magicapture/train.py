@@ -28,10 +28,10 @@ from ...losses import (attention_outside, attention_refocusing_loss, attention_s
                        tweedie_x0)
 from ...data.masks import downsample_mask
 from ...models.face_align import align_faces, alignment_matrix
-from ...models.tokens import TokenSpec, add_placeholder_tokens, make_trainable, token_vectors
+from ...models.tokens import token_vectors
 from ..concepts import ConceptSet
 from ..lora import lora_config, lora_parameters
-from ..personalize import ConceptSampler, encode_prompt
+from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
 from ..runs import RunDir
 from ..training import Phase, StepOutput
 from . import config as C
@@ -49,16 +49,8 @@ class MagiCapture:
         self.source, self.reference = source, reference
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)  # unused for sampling; kept for template variety in validation
-        comps.to(self.device)
-        for m in (comps.unet, comps.vae, comps.text_encoder):
-            m.requires_grad_(False)
-        # placeholder tokens (one place for all methods)
-        init_gen = torch.Generator().manual_seed(cfg.seed + 7)
-        self.token_ids = add_placeholder_tokens(
-            comps.tokenizer, comps.text_encoder,
-            [TokenSpec(cfg.v1, cfg.v1_init), TokenSpec(cfg.v2, cfg.v2_init)], generator=init_gen)
-        self.embedding = make_trainable(comps.text_encoder, self.token_ids)
-        self.embedding.to(self.device)
+        # frozen base model, placeholder tokens with trainable rows (one place for all methods)
+        self.token_ids, self.embedding = add_concept_tokens(comps, cfg, self.device)
         # attention capture on the chosen cross-attention layers (SDPA elsewhere)
         self.store = AttentionStore()
         self.ar_layers = select_layers(comps.unet, cfg.ar_layers)
