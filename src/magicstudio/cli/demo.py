@@ -52,7 +52,7 @@ def _toy_demo(out: Path, steps: int) -> None:
     from ..evaluation import evaluate_images
     from ..methods.magicapture import make_config, run_training
     from ..methods.magicapture.generate import generate
-    from ..methods.toyworld.table import TOY_SETTINGS
+    from ..methods.toyworld.table import TOY_SETTINGS, base_images
 
     typer.echo(TOY_NOTE + "\n")
     person, style = tw.HELD_OUT_IDENTITIES[0], tw.HELD_OUT_STYLES[0]
@@ -71,7 +71,7 @@ def _toy_demo(out: Path, steps: int) -> None:
     typer.echo("4/5 generating 'a photo of a <v1> person in the style of <v2>' with <v1>/<v2> attention maps ...")
     paths = generate(run.path, out / "generated", num_images=4, steps=25, guidance=5.0, save_attention=True)
     scores = evaluate_images(paths, src, ref, metrics=["csim", "style"], face_backend="toyworld", clip_model="toyworld")
-    base = _toy_base_images(out / "base", 4)
+    base = base_images(out / "base", 4, steps=25, guidance=5.0)
     base_scores = evaluate_images(base, src, ref, metrics=["csim", "style"], face_backend="toyworld",
                                   clip_model="toyworld")
     for name, rep in (("personalised", scores), ("base model", base_scores)):
@@ -101,24 +101,6 @@ def _toy_demo(out: Path, steps: int) -> None:
     typer.echo("  run/                     LoRA, embeddings, A1111 exports, metrics.jsonl, samples/")
     typer.echo(f"  generated/               {len(paths)} images and their attention maps")
     typer.echo(f"  magicface/               {len(face_paths)} image(s), the references with masks, per-step segmentation")
-
-
-def _toy_base_images(folder: Path, n: int) -> list[Path]:
-    """The toy model without personalisation, same prompt words minus the tokens (the comparison row)."""
-    import torch
-
-    from ..models.base import load_base
-
-    comps = load_base("toyworld")
-    pipe = comps.pipeline(scheduler=comps.inference_scheduler("ddim"))
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        image = pipe(prompt="a photo of a person", num_inference_steps=25, guidance_scale=5.0, height=64, width=64,
-                     generator=torch.Generator().manual_seed(i)).images[0]
-        image.save(folder / f"{i:03d}.png")
-        paths.append(folder / f"{i:03d}.png")
-    return paths
 
 
 def _photos_demo(out: Path, steps: int) -> None:

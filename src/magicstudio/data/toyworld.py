@@ -14,6 +14,7 @@ every method trains on directly.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,10 +302,17 @@ def head_window_mask(size: int = SIZE) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=1)
+def canonical_portrait() -> Portrait:
+    """The un-jittered pose (rendered once; do not modify its arrays): where a face of this world is when nothing
+    else is known."""
+    return render(HELD_OUT_IDENTITIES[0], HELD_OUT_STYLES[0], jitter=False)
+
+
 def canonical_face(size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Face box (xyxy) and 5 landmarks of the un-jittered pose at ``size`` px: where a face of this world is when
-    nothing else is known (the toy world's "face detector" for generated pictures)."""
-    p = render(HELD_OUT_IDENTITIES[0], HELD_OUT_STYLES[0], jitter=False)
+    """Face box (xyxy) and 5 landmarks of :func:`canonical_portrait` at ``size`` px (the toy world's "face detector"
+    for generated pictures)."""
+    p = canonical_portrait()
     k = size / SIZE
     return (p.face_box + 0.5) * k - 0.5, (p.landmarks5 + 0.5) * k - 0.5
 

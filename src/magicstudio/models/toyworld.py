@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.toyworld import HEAD_WINDOW, head_window_mask  # noqa: F401 - re-exported
+from ..data.toyworld import HEAD_WINDOW
 from ..errors import UserError
 from .components import Components
 from .face_encoder import FaceEncoder
@@ -226,6 +226,18 @@ def style_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def encoder_input(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """What encoder ``kind`` reads: ``identity`` / ``style`` take 64x64 pictures, ``face`` takes ArcFace-aligned
+    112x112 crops (read at 56x56)."""
+    if kind == "identity":
+        return identity_input(x)
+    if kind == "style":
+        return style_input(x)
+    if kind == "face":
+        return F.avg_pool2d(x, 2)
+    raise ValueError(f"unknown toy encoder {kind!r}")
+
+
 class ToyEmbedder:
     """An evaluation embedder over whole pictures (``identity`` or ``style``), the interface
     ``magicstudio.evaluation`` uses for CLIP-like models: ``image_embeddings(images) -> [N, D]``, ``dim``,
@@ -242,14 +254,11 @@ class ToyEmbedder:
 
     @torch.no_grad()
     def image_embeddings(self, images) -> torch.Tensor:
-        x = to_model_input(images)
-        x = identity_input(x) if self.kind == "identity" else style_input(x)
-        return attribute_embedding(self.net(x))
+        return attribute_embedding(self.net(encoder_input(self.kind, to_model_input(images))))
 
     @torch.no_grad()
     def predict(self, images) -> list[torch.Tensor]:
-        x = to_model_input(images)
-        return [z.argmax(-1) for z in self.net(identity_input(x) if self.kind == "identity" else style_input(x))]
+        return [z.argmax(-1) for z in self.net(encoder_input(self.kind, to_model_input(images)))]
 
 
 class ToyFaceEncoder(FaceEncoder):
@@ -267,8 +276,7 @@ class ToyFaceEncoder(FaceEncoder):
         if aligned.dim() != 4 or tuple(aligned.shape[1:]) != (3, 112, 112):
             raise ValueError(f"{self.name} expects aligned faces [B, 3, 112, 112], got {tuple(aligned.shape)}")
         p = next(self.net.parameters())
-        x = F.avg_pool2d(aligned.to(device=p.device, dtype=p.dtype), 2)
-        return attribute_embedding(self.net(x))
+        return attribute_embedding(self.net(encoder_input("face", aligned.to(device=p.device, dtype=p.dtype))))
 
 
 def load_toy_encoders(path: str | os.PathLike | None = None) -> dict[str, AttributeNet]:

@@ -244,14 +244,6 @@ def _face_batch(rng: np.random.Generator, n: int, held_out: bool = False):
     return x, aligned, torch.tensor(ids), torch.tensor(sts)
 
 
-def _encoder_input(kind: str, x: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
-    if kind == "identity":
-        return tw.identity_input(x)
-    if kind == "face":
-        return F.avg_pool2d(aligned, 2)
-    return tw.style_input(x)
-
-
 def train_encoders(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, tw.AttributeNet], dict[str, list[float]]]:
     id_classes = [len(v) for v in world.IDENTITY_ATTRS.values()]
     st_classes = [len(v) for v in world.STYLE_ATTRS.values()]
@@ -268,7 +260,7 @@ def train_encoders(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, tw.At
                 g["lr"] = 2e-3 * _cosine_lr(step, steps, warmup=50, floor=0.02)
             x, aligned, ids, sts = _face_batch(rng, cfg.encoder_batch)
             labels = sts if kind == "style" else ids
-            logits = net(_encoder_input(kind, x, aligned))
+            logits = net(tw.encoder_input(kind, aligned if kind == "face" else x))
             loss = sum(F.cross_entropy(z, labels[:, i]) for i, z in enumerate(logits))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -278,7 +270,7 @@ def train_encoders(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, tw.At
         with torch.no_grad():
             x, aligned, ids, sts = _face_batch(np.random.default_rng([cfg.seed, 6, k]), 256, held_out=True)
             labels = sts if kind == "style" else ids
-            logits = net(_encoder_input(kind, x, aligned))
+            logits = net(tw.encoder_input(kind, aligned if kind == "face" else x))
             accuracy[kind] = [round(float((z.argmax(-1) == labels[:, i]).float().mean()), 3) for i, z in enumerate(logits)]
         _say(f"  {kind} encoder: {steps} steps in {time.time() - t0:.0f} s; held-out accuracy per "
              f"attribute {accuracy[kind]}", progress)

@@ -79,8 +79,7 @@ def write_pairs(out: Path, pairs: list[int], n_images: int = 5) -> list:
 
 def face_region(size: int) -> torch.Tensor:
     """The un-jittered face ellipse as a float mask [1, 1, size, size]."""
-    p = world.render(world.HELD_OUT_IDENTITIES[0], world.HELD_OUT_STYLES[0], jitter=False)
-    m = torch.from_numpy(p.masks["face"].astype(np.float32) / 255.0)[None, None]
+    m = torch.from_numpy(world.canonical_portrait().masks["face"].astype(np.float32) / 255.0)[None, None]
     return torch.nn.functional.adaptive_avg_pool2d(m, size) if size != m.shape[-1] else m
 
 
@@ -93,21 +92,22 @@ def generation_spill(run_dir: Path, prompt: str, n: int, seed: int, steps: int, 
     from ..sampling import AttentionRecorder
 
     pipe, cfg, tokens = load_run_pipeline(run_dir, "ddim")
-    v1 = cfg["v1"]
-    tid = pipe.tokenizer.convert_tokens_to_ids(v1)
+    tid = pipe.tokenizer.convert_tokens_to_ids(cfg["v1"])
     size = int(cfg.get("resolution") or 64)
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    face = None
     values = []
     for i in range(n):
         rec = AttentionRecorder(pipe, [tid], SPILL_LAYERS)
-        ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
         rec.set_prompt_ids(ids, n_uncond=1 if guidance > 1 else 0)
         with rec:
             pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                  generator=torch.Generator().manual_seed(seed + i), callback_on_step_end=rec.callback)
         heat = rec.maps()[0][..., 0]  # (S, S)
         maps = heat[None, None, None, :, :]  # (L=1, B=1, heads=1, S, S)
-        values.append(float(attention_spill(maps, face_region(heat.shape[-1]))[0]))
+        face = face if face is not None else face_region(heat.shape[-1])
+        values.append(float(attention_spill(maps, face)[0]))
     return values
 
 
@@ -121,15 +121,12 @@ def picture_spill(run_dir: Path, source_dir: Path, prompt: str, timesteps=(100, 
     from ...data.prepare import load_prepared
     from ...losses.attention import attention_spill
     from ..magicapture.generate import load_run_pipeline
+    from ..personalize import encode_prompt
 
     pipe, cfg, _ = load_run_pipeline(run_dir, "ddim")
-    tid = pipe.tokenizer.convert_tokens_to_ids(cfg["v1"])
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    hits = (ids[0] == tid).nonzero().flatten()
-    if not len(hits):
+    emb, positions = encode_prompt(pipe, prompt, [pipe.tokenizer.convert_tokens_to_ids(cfg["v1"])])
+    if int(positions[0, 0]) < 0:
         return []
-    emb = pipe.text_encoder(ids)[0]
     store = AttentionStore()
     previous = install_capture(pipe.unet, store, select_layers(pipe.unet, SPILL_LAYERS))
     vae, sched = pipe.vae, pipe.scheduler
@@ -146,7 +143,7 @@ def picture_spill(run_dir: Path, source_dir: Path, prompt: str, timesteps=(100, 
                 a = alphas[t]
                 zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
                 store.reset()
-                store.token_index = torch.tensor([[int(hits[0])]])
+                store.token_index = positions
                 pipe.unet(zt, torch.tensor([t]), emb)
                 maps = stack_token_maps(store)[..., 0]  # (L, 1, heads, S, S)
                 per_t.append(float(attention_spill(maps, mask)[0]))
@@ -173,30 +170,36 @@ def _write_images(images: list[np.ndarray], folder: Path) -> list[Path]:
     return paths
 
 
-def reference_rows(out: Path, pairs: list, n: int, seed: int, steps: int, guidance: float) -> dict[str, dict]:
-    """``ideal`` (renders of the held-out person in the held-out style) and ``base`` (the pretrained model,
-    "a photo of a person") scored like the methods."""
-    from ...evaluation import evaluate_images
+def base_images(folder: Path, n: int, seed: int = 0, steps: int = 25, guidance: float = 5.0) -> list[Path]:
+    """The pretrained toy model without personalisation ("a photo of a person", seeds ``seed..seed+n-1``): the
+    chance-level comparison row. Images already in ``folder`` are reused."""
     from ...models.base import load_base
 
+    paths = [Path(folder) / f"{k:03d}.png" for k in range(n)]
+    if not all(p.is_file() for p in paths):
+        comps = load_base("toyworld")
+        pipe = comps.pipeline(scheduler=comps.inference_scheduler("ddim"))
+        imgs = [np.asarray(pipe(prompt="a photo of a person", num_inference_steps=steps, guidance_scale=guidance,
+                                height=64, width=64, generator=torch.Generator().manual_seed(seed + k)).images[0])
+                for k in range(n)]
+        _write_images(imgs, Path(folder))
+    return paths
+
+
+def reference_rows(out: Path, pairs: list, n: int, seed: int, steps: int, guidance: float) -> dict[str, dict]:
+    """``ideal`` (renders of the held-out person in the held-out style) and ``base`` (the pretrained model,
+    "a photo of a person": the same images for every pair) scored like the methods."""
+    from ...evaluation import evaluate_images
+
     rows: dict[str, dict] = {"ideal": {}, "base": {}}
-    comps = None
+    base = base_images(out / "reference-rows" / "base", n, seed, steps, guidance)
     for pair in pairs:
         i = int(pair.name.split("-")[1])
         rng = np.random.default_rng([seed, i, 7])
         ideal = [world.render(world.HELD_OUT_IDENTITIES[i], world.HELD_OUT_STYLES[i], rng).image for _ in range(n)]
-        ideal_dir = out / "reference-rows" / pair.name / "ideal"
-        base_dir = out / "reference-rows" / pair.name / "base"
-        _write_images(ideal, ideal_dir)
-        if not base_dir.is_dir() or len(list(base_dir.glob("*.png"))) < n:
-            comps = comps or load_base("toyworld")
-            pipe = comps.pipeline(scheduler=comps.inference_scheduler("ddim"))
-            imgs = [np.asarray(pipe(prompt="a photo of a person", num_inference_steps=steps, guidance_scale=guidance,
-                                    height=64, width=64, generator=torch.Generator().manual_seed(seed + k)).images[0])
-                    for k in range(n)]
-            _write_images(imgs, base_dir)
-        for name, folder in (("ideal", ideal_dir), ("base", base_dir)):
-            rep = evaluate_images(sorted(folder.glob("*.png")), pair.source, pair.reference, metrics=["csim", "style"],
+        ideal_paths = _write_images(ideal, out / "reference-rows" / pair.name / "ideal")
+        for name, images in (("ideal", ideal_paths), ("base", base)):
+            rep = evaluate_images(images, pair.source, pair.reference, metrics=["csim", "style"],
                                   face_backend="toyworld", clip_model="toyworld")
             rows[name][pair.name] = {m: [im[m] for im in rep["images"]] for m in ("csim", "style")}
     return rows
