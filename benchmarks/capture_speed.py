@@ -13,6 +13,8 @@ each figure is the median of per-step wall times; a step = micro_step + backward
              random ArcFace on tiny, a random-weight ArcFace r100 on sd15-random), face-region decoding
              (cfg.id_region_decode=True); the identity loss acts on the composed task only
   idfull     composed task, as full:composed but decoding the whole latent (id_region_decode=False)
+  id32       composed task, as full:composed with the decoder in float32 (decode_precision="fp32"; the default
+             "auto" runs the frozen decoder in bfloat16 where the CPU/GPU has it natively)
   ar:composed  composed task, capture + AR, identity loss off (diagnostic: what the ID loss adds)
 
 Ratios and the issue's targets:
@@ -21,6 +23,7 @@ Ratios and the issue's targets:
   composed+ID+AR / plain masked LoRA           full:composed / plain             <= 1.30
   3 tasks drawn equally / plain                mean(full:*) / plain              <= 1.30
   ID step, region / full decoding              full:composed / idfull            (reported)
+  composed step with a float32 decoder / plain id32 / plain                      (reported)
   peak RSS MagiCapture / plain LoRA            fresh subprocess per variant      <= 1.15
 
 The task is forced without touching src/: during ``micro_step`` the ``torch`` name of the training module is
@@ -144,7 +147,21 @@ def build_face_encoder(kind: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         backbone = IResNet(IRESNET_LAYERS[arch], width=64, num_features=512)
-    return ArcFaceEncoder(backbone, name=f"arcface-{arch}(random)")
+        # random weights with the default BatchNorm statistics overflow to inf/NaN within 50 residual blocks;
+        # set every BN's running statistics from random faces (as training would) so the loss is finite
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = None  # cumulative average over the calibration batches
+        torch.nn.Module.train(backbone, True)
+        with torch.no_grad():
+            for _ in range(2):
+                backbone(torch.rand(8, 3, 112, 112) * 2 - 1)
+        torch.nn.Module.train(backbone, False)
+    encoder = ArcFaceEncoder(backbone, name=f"arcface-{arch}(random)")
+    with torch.no_grad():
+        if not bool(torch.isfinite(encoder.embed(torch.rand(1, 3, 112, 112) * 2 - 1)).all()):
+            raise RuntimeError(f"the random {arch} face encoder gives non-finite embeddings")
+    return encoder
 
 
 def build_components(model: str):
@@ -188,6 +205,7 @@ class Variant:
     id: bool = True
     region: bool = True
     capture: bool = True
+    decode: str = "auto"  # decode_precision of the identity path's VAE decoder
 
 
 TIMED = [
@@ -199,6 +217,7 @@ TIMED = [
     Variant("ar:composed", "composed", id=False),  # diagnostic: the composed task's cost without the ID loss
     Variant("full:composed", "composed"),
     Variant("idfull", "composed", region=False),
+    Variant("id32", "composed", decode="fp32"),  # the same as full:composed with a float32 decoder
 ]
 LABELS = {
     "plain:source": "plain masked LoRA, source task (SDPA, no AR/ID)",
@@ -209,6 +228,7 @@ LABELS = {
     "ar:composed": "composed task, AR, no ID (diagnostic)",
     "full:composed": "composed task, AR + ID, region decode",
     "idfull": "composed task, AR + ID, full decode",
+    "id32": "composed task, AR + ID, region decode in fp32",
 }
 
 
@@ -264,7 +284,7 @@ def make_method(model: str, size: int, preset: str, use_id: bool, use_composed: 
         def configure(self, v: Variant) -> None:
             if v.id and self._saved_identity is None and v.task == "composed":
                 raise RuntimeError("variant needs the identity loss but no face encoder was loaded")
-            self.cfg = replace(self._base_cfg, use_ar=v.ar, id_region_decode=v.region)
+            self.cfg = replace(self._base_cfg, use_ar=v.ar, id_region_decode=v.region, decode_precision=v.decode)
             self.source_identity = self._saved_identity if v.id else None
             if v.capture != self._capture_on:
                 self.comps.unet.set_attn_processor(dict(self._procs_capture if v.capture else self._procs_sdpa))
@@ -343,7 +363,8 @@ def mem_child(args) -> None:
         method.configure(Variant("plain", "source", ar=False, id=False, capture=False))
         tasks = ("source", "reference")
     else:
-        method.configure(Variant("magicapture", "composed", region=(kind != "magicapture-fulldecode")))
+        method.configure(Variant("magicapture", "composed", region=(kind != "magicapture-fulldecode"),
+                                 decode="fp32" if kind == "magicapture-fp32" else "auto"))
         tasks = TASKS
     torch.set_grad_enabled(True)
     setup_peak, rss_ready = _status("VmHWM"), _status("VmRSS")
@@ -392,9 +413,12 @@ def verdict(value: float, target: float | None) -> str:
 def bench_model(model: str, size: int, rounds: int, steps: int, warmup: int, mem_steps: int, do_memory: bool) -> dict:
     import torch
 
+    from magicstudio.models.precision import frozen_dtype
+
     log(f"[{model} @ {size}px] building the model and the method ...")
     t0 = time.time()
     method = make_method(model, size, ARGS.preset, use_id=True, face_encoder=ARGS.face_encoder)
+    DECODE_DTYPE[model] = frozen_dtype("auto", "cpu", method.comps.vae.decoder)
     log(f"[{model} @ {size}px] ready in {time.time() - t0:.0f} s; timing {len(TIMED)} variants x "
         f"{rounds} rounds x {steps} step(s) (+{warmup} warm-up round)")
     times = time_variants(method, rounds, steps, warmup)
@@ -410,20 +434,26 @@ def bench_model(model: str, size: int, rounds: int, steps: int, warmup: int, mem
         ("3 tasks drawn equally (AR+ID) / plain", mix / plain, TARGETS["mix"]),
         ("composed+AR, no ID / plain (diagnostic)", med["ar:composed"] / plain, None),
         ("ID step: region decode / full decode", med["full:composed"] / med["idfull"], None),
+        ("composed+ID+AR, fp32 decoder / plain", med["id32"] / plain, None),
+        ("ID step: auto / fp32 decoder precision", med["full:composed"] / med["id32"], None),
     ]
     mem = None
     if do_memory:
         log(f"[{model} @ {size}px] peak memory, one fresh subprocess per variant")
-        mem = measure_memory(model, size, mem_steps, ["plain", "magicapture", "magicapture-fulldecode"])
+        mem = measure_memory(model, size, mem_steps,
+                             ["plain", "magicapture", "magicapture-fp32", "magicapture-fulldecode"])
         ratios.append(("peak RSS MagiCapture / plain LoRA", mem["magicapture"]["peak"] / mem["plain"]["peak"],
                        TARGETS["memory"]))
+        ratios.append(("peak RSS, fp32 decoder / plain LoRA", mem["magicapture-fp32"]["peak"] / mem["plain"]["peak"],
+                       None))
         ratios.append(("peak RSS, full decode / plain LoRA", mem["magicapture-fulldecode"]["peak"] / mem["plain"]["peak"],
                        None))
 
     tweak = "on" if all(os.environ.get(k) == v for k, v in MALLOC_TWEAK.items()) else "off"
     print()
     print(f"== MagiCapture phase-2 step: model {model}, {size} px, preset {ARGS.preset}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, malloc tweak {tweak}, face encoder {ARGS.face_encoder}")
+          f"{torch.get_num_threads()} threads, malloc tweak {tweak}, face encoder {ARGS.face_encoder}, "
+          f"decoder precision auto -> {DECODE_DTYPE.get(model) or 'float32'}")
     print(f"   {rounds} alternation rounds x {steps} step(s) per variant; median of per-step times "
           f"(identity loss computed in {id_calls} composed steps)")
     w = 52
@@ -443,11 +473,12 @@ def bench_model(model: str, size: int, rounds: int, steps: int, warmup: int, mem
         print(f"{'memory subprocess':<{w}} {'peak RSS':>9} {'ready':>9} {'train peak':>11}  (GB; 'ready' = after setup)")
         for kind, label in (("plain", "plain masked LoRA (SDPA, no AR/ID)"),
                             ("magicapture", "MagiCapture (capture+AR+ID, region decode)"),
+                            ("magicapture-fp32", "MagiCapture, decoder in fp32"),
                             ("magicapture-fulldecode", "MagiCapture, ID with full decode")):
             m = mem[kind]
             print(f"{label:<{w}} {m['peak'] / 2**30:>9.3f} {m['rss_ready'] / 2**30:>9.3f} {m['train_peak'] / 2**30:>11.3f}")
         p = mem["plain"]
-        for kind in ("magicapture", "magicapture-fulldecode"):
+        for kind in ("magicapture", "magicapture-fp32", "magicapture-fulldecode"):
             m = mem[kind]
             extra_plain = p["train_peak"] - p["rss_ready"]
             extra = m["train_peak"] - m["rss_ready"]
@@ -479,6 +510,7 @@ def parse_args(argv=None):
 
 
 ARGS = None
+DECODE_DTYPE: dict = {}
 
 
 def main(argv=None) -> int:

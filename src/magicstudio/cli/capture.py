@@ -31,6 +31,7 @@ def train_cmd(
     object_class: Optional[str] = typer.Option(None, "--object-class", help="Object mode: the class word (e.g. vase)."),
     dino_model: Optional[str] = typer.Option(None, "--dino-model", help="Object mode: DINO ViT for the structure/style losses (Eq. 11), e.g. facebook/dino-vitb8."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16."),
+    decode_precision: Optional[str] = typer.Option(None, "--decode-precision", help="The frozen VAE decoder in the identity / structure losses: auto (bf16 where the device computes it natively) | fp32 | bf16 | fp16."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     cache_latents: bool = typer.Option(False, "--cache-latents", help="Encode images once (turns colour jitter off)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
@@ -42,7 +43,7 @@ def train_cmd(
     from ..methods.magicapture import make_config, run_training
 
     overrides = dict(model=model, ti_steps=ti_steps, lora_steps=lora_steps, face_encoder=face_encoder,
-                     resolution=resolution, mode=mode, mixed_precision=mixed_precision, seed=seed,
+                     resolution=resolution, mode=mode, mixed_precision=mixed_precision, decode_precision=decode_precision, seed=seed,
                      checkpoint_every=checkpoint_every, object_class=object_class, dino_model=dino_model)
     if no_ar:
         overrides["use_ar"] = False

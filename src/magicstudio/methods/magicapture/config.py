@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from ...errors import UserError
+from ...models.precision import PRECISIONS
 
 SOURCE_TEMPLATES = [
     "a photo of a {v1} person",
@@ -86,6 +87,11 @@ class CaptureConfig:
     face_encoder: str | None = None
     id_landmarks: str = "reference"  # "reference": the pseudo-label's landmarks; "detect": FaceAnalyzer on x0_hat
     id_region_decode: bool = True
+    # the frozen VAE decoder in the identity / structure losses: auto (bf16 where native) | fp32 | bf16 | fp16
+    decode_precision: str = "auto"
+    # ... and its blocks recomputed in backward (same gradient, ~90% less activation memory): auto (for large
+    # decoders) | on | off
+    decode_checkpointing: str = "auto"
     # general-object mode, composed task (supplement Eq. 11): DINO structure + style losses
     dino_model: str | None = None  # hub id / folder of a DINO ViT (facebook/dino-vitb8), "tiny"; None: off (warned)
     lambda_ssim: float = 0.1
@@ -155,6 +161,10 @@ def validate(cfg: CaptureConfig) -> None:
         raise UserError("t_id_max must be in (0, 1000]")
     if cfg.mode not in ("portrait", "object"):
         raise UserError("mode must be 'portrait' or 'object'")
+    if cfg.decode_checkpointing not in ("auto", "on", "off"):
+        raise UserError("decode_checkpointing must be auto, on or off")
+    if cfg.decode_precision not in PRECISIONS:
+        raise UserError(f"decode_precision must be one of {', '.join(PRECISIONS)}")
     if cfg.id_pass not in ("shared", "separate"):
         raise UserError("id_pass must be 'shared' or 'separate'")
     if cfg.v1 == cfg.v2:

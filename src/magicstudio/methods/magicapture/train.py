@@ -28,6 +28,7 @@ from ...losses import (attention_outside, attention_refocusing_loss, attention_s
                        tweedie_x0)
 from ...data.masks import downsample_mask
 from ...models.face_align import align_faces, alignment_matrix
+from ...models.precision import conv_input, frozen_autocast, frozen_dtype, use_checkpointing
 from ...models.tokens import token_vectors
 from ..concepts import ConceptSet
 from ..lora import lora_config, lora_parameters
@@ -57,6 +58,8 @@ class MagiCapture:
         install_capture(comps.unet, self.store, self.ar_layers)
         if cfg.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()
+        if use_checkpointing(cfg.decode_checkpointing, comps.vae.decoder):
+            comps.vae.enable_gradient_checkpointing()  # the loss paths' VAE decode: blocks recomputed in backward
         self.latent_size = cfg.resolution // comps.vae_scale
         self.alphas_cumprod = comps.scheduler.alphas_cumprod.to(self.device)
         # identity loss (Eq. 7): mean source identity embedding, computed once
@@ -206,9 +209,9 @@ class MagiCapture:
     def _structure_style(self, z_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, ref_index: int):
         """lambda_ssim L_ssim + lambda_contra L_contra + lambda_style L_style on the decoded Tweedie estimate:
         structure (DINO keys) against a random source image, style (DINO [CLS]) against the drawn reference."""
-        cfg, vae = self.cfg, self.comps.vae
+        cfg = self.cfg
         z0_hat = tweedie_x0(z_t, pred, self.alphas_cumprod, t, self.comps.prediction_type)
-        image = vae.decode((z0_hat / vae.config.scaling_factor).to(vae.dtype)).sample
+        image = self._decode(z0_hat)
         k = int(torch.randint(len(self.source), (1,), generator=self.generator))
         with torch.no_grad():
             _, keys_src = self.dino(self.source.images[k:k + 1].to(self.device))
@@ -254,15 +257,24 @@ class MagiCapture:
                     landmarks: torch.Tensor | None = None):
         """Decode the face of ``z0_hat`` (only the latent window around it when ``region``); returns the image
         and the pixel offset of its top-left corner."""
-        vae, scale = self.comps.vae, self.comps.vae_scale
+        scale = self.comps.vae_scale
         if region:
             y0, y1, x0, x1 = self._face_region(box, landmarks)
             z = z0_hat[:, :, y0:y1, x0:x1]
             offset = torch.tensor([x0 * scale, y0 * scale], dtype=torch.float32)
         else:
             z, offset = z0_hat, torch.zeros(2)
-        image = vae.decode((z / vae.config.scaling_factor).to(vae.dtype)).sample.float()
-        return image, offset
+        return self._decode(z), offset
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE decode of a latent (window) for a loss, differentiable; float32 out. The frozen decoder may run in
+        bfloat16 (``decode_precision``, models/precision.py); everything trained, the face encoder and DINO stay
+        in float32."""
+        vae = self.comps.vae
+        dtype = frozen_dtype(self.cfg.decode_precision, self.device, vae.decoder)
+        with frozen_autocast(dtype, self.device):
+            image = vae.decode(conv_input((z / vae.config.scaling_factor).to(vae.dtype), dtype)).sample
+        return image.float().contiguous()
 
     def _identity(self, z0_hat: torch.Tensor, lm: torch.Tensor, box: torch.Tensor):
         landmarks_hint = None if self.cfg.id_landmarks == "detect" else lm[0]

@@ -37,7 +37,8 @@ TOY_SETTINGS: dict[str, dict] = {
     "*": dict(model="toyworld"),
     # colour is identity (skin, hair) and style (palette) in this world: no colour jitter (baselines have none)
     "magicapture": dict(ti_steps=150, lora_steps=450, face_encoder="toyworld", ar_layers=SPILL_LAYERS,
-                        color_jitter=0.0, checkpoint_every=200, sample_steps=10),
+                        color_jitter=0.0, checkpoint_every=200, sample_steps=10,
+                        decode_precision="fp32"),  # results must not depend on the CPU's bf16 support
     "dreambooth": dict(steps=400, lr=5e-5, num_class_images=20, class_steps=20, checkpoint_every=200),
     "textual-inversion": dict(steps=600, lr=5e-3, checkpoint_every=200),
     "custom-diffusion": dict(steps=400, lr=5e-4, num_class_images=20, class_steps=20, checkpoint_every=200),
