@@ -9,6 +9,7 @@ picks bfloat16 where the device computes it natively (CUDA with bf16, or a CPU w
 SD decoder's forward+backward is ~4x faster) for networks large enough to gain from it, and float32 elsewhere:
 emulated bfloat16 is slower, and on the tiny test models the casts cost more than the small convolutions save
 (tiny decoder 17 ms in bf16 vs 12 ms in fp32).
+``fp16`` is never chosen automatically: SD VAE decoders (SDXL's notoriously) can overflow in float16.
 Deep face-recognition networks are kept in float32: through a 100-layer IResNet the bf16 gradient's cosine to
 the float32 one is only ~0.98, for a saving of ~0.1 s.
 """
