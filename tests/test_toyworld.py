@@ -238,6 +238,22 @@ def test_demo_runs_in_the_toy_world(tmp_path, capsys):
     assert "toy-CSIM" in capsys.readouterr().out and list((out / "magicface").glob("*.png"))
 
 
+def test_table_settings_from_the_command_line():
+    from magicstudio.methods.bench import parse_set
+    from magicstudio.methods.toyworld.table import TOY_SETTINGS, table_overrides
+
+    methods = ("magicapture", "magicapture-no-ar", "textual-inversion")
+    extra = parse_set(["magicapture.lora_lr=5e-4", "checkpoint_every=7", "textual-inversion.lr=1e-3"])
+    o = table_overrides(methods, TOY_SETTINGS, extra)
+    for m in ("magicapture", "magicapture-no-ar"):  # "magicapture." reaches the ablations too
+        assert o[m]["lora_lr"] == 5e-4 and o[m]["checkpoint_every"] == 7  # user settings beat the toy ones
+        assert o[m]["face_encoder"] == "toyworld" and o[m]["lora_steps"] == TOY_SETTINGS["magicapture"]["lora_steps"]
+    assert o["textual-inversion"] == {**TOY_SETTINGS["textual-inversion"], "checkpoint_every": 7, "lr": 1e-3}
+    assert o["*"] == {"model": "toyworld", "checkpoint_every": 7}
+    with pytest.raises(UserError, match="dreambooth"):
+        table_overrides(methods, TOY_SETTINGS, parse_set(["dreambooth.steps=3"]))
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from magicstudio.cli.main import main
 

@@ -62,10 +62,13 @@ def table(
     guidance: float = typer.Option(5.0, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
     quick: bool = typer.Option(False, "--quick", help="A few training steps per method (checks the path, not results)."),
+    set_: List[str] = typer.Option([], "--set", help="[METHOD.]KEY=VALUE on top of the toy settings, e.g. "
+                                   "magicapture.lora_lr=5e-4 (magicapture. covers its ablations; repeatable)."),
 ) -> None:
     """Personalise held-out toy people and styles with every method through the benchmark harness and write
     table.md (toy-CSIM, toy-Style, attention spill, with spreads) and image grids."""
     from ..errors import UserError
+    from ..methods.bench import parse_set
     from ..methods.toyworld.table import run_table
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -73,7 +76,7 @@ def table(
         raise UserError("--methods is empty")
     if images < 1 or steps < 1:
         raise UserError("--images and --steps must be at least 1")
-    summary = run_table(out, pairs, names, images, steps, guidance, seed, quick)
+    summary = run_table(out, pairs, names, images, steps, guidance, seed, quick, extra=parse_set(set_))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"written: {out / 'table.md'}, {out / 'table.json'}, {out / 'grid.png'}, {out / 'grids'}/ "
                f"({summary['total_s']} s)")

@@ -57,6 +57,24 @@ def _method_settings(method: str, table: dict[str, dict]) -> dict:
     return dict(table.get(key, {}))
 
 
+def table_overrides(methods, table: dict[str, dict], extra: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The harness's per-method settings: the toy ones (``table``), then the user's ``extra`` (``"*"``: every
+    method that has the setting; ``"magicapture"``: MagiCapture and its ablations; or a method name), which win."""
+    from ..bench import method_settings
+
+    extra = dict(extra or {})
+    stray = [k for k in extra if k not in ("*", "magicapture") and k not in methods]
+    if stray:
+        raise UserError(f"--set names {', '.join(stray)}, which is not among the methods ({', '.join(methods)})")
+    star = extra.get("*", {})
+    overrides: dict[str, dict] = {"*": dict(table["*"]) | star}  # the harness refuses keys no method knows
+    for m in methods:
+        known = method_settings(m)
+        overrides[m] = (_method_settings(m, table) | {k: v for k, v in star.items() if k in known}
+                        | _method_settings(m, extra))
+    return overrides
+
+
 def write_pairs(out: Path, pairs: list[int], n_images: int = 5) -> list:
     """Held-out pairs as prepared folders; returns bench ``Pair``s."""
     from ..bench import Pair
@@ -222,8 +240,12 @@ def _stats(per_pair: dict[str, list[float]]) -> tuple[float | None, float | None
 
 def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] = DEFAULT_METHODS,
               images: int = 8, steps: int = 25, guidance: float = 5.0, seed: int = 0, quick: bool = False,
-              progress: bool = True) -> dict:
-    """Run (or resume) the toy experiment and write ``table.md`` / ``table.json`` / grids into ``out``."""
+              progress: bool = True, extra: dict[str, dict] | None = None) -> dict:
+    """Run (or resume) the toy experiment and write ``table.md`` / ``table.json`` / grids into ``out``.
+
+    ``extra``: settings on top of the toy ones, keyed ``"*"`` (every method), a method name, or ``"magicapture"``
+    (MagiCapture and its ablations), e.g. ``{"magicapture": {"lora_lr": 5e-4}}`` (``--set magicapture.lora_lr=5e-4``).
+    """
     from ...models.toyworld import toyworld_weights, ENCODERS_FILE
     from ..bench import BenchSettings, run_bench
 
@@ -240,10 +262,7 @@ def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] 
     out = Path(out)
     t0 = time.time()
     pairs = write_pairs(out, list(range(n_pairs)))
-    table = QUICK_SETTINGS if quick else TOY_SETTINGS
-    overrides: dict[str, dict] = {"*": dict(table["*"])}
-    for m in methods:
-        overrides[m] = _method_settings(m, table)
+    overrides = table_overrides(methods, QUICK_SETTINGS if quick else TOY_SETTINGS, extra)
     settings = BenchSettings(methods=list(methods), images_per_pair=images, preset="smoke", seed=seed, steps=steps,
                              guidance=guidance, metrics=["csim", "style"], face_backend="toyworld",
                              eval_options={"clip_model": "toyworld"}, overrides=overrides)
