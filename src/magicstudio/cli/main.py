@@ -28,10 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MAGICSTUDIO_LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except UserError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        return 2
+        return _fail(str(exc), 2)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         return 130
@@ -39,12 +38,29 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Abort:
         return 1
-    except Exception as exc:  # click usage errors (typer vendors its own click) come through here
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+    except OSError as exc:  # the file system said no (exists, not a folder, permission, disk full, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}", 2)
+    except Exception as exc:
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click usage errors (typer vendors its own click)
             exc.show()
             return int(exc.exit_code)
-        raise
+        if os.environ.get("MAGICSTUDIO_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _fail(f"unexpected {type(exc).__name__}: {first} (a bug in magicstudio? MAGICSTUDIO_DEBUG=1 shows "
+                     "the traceback)", 1)
+    # without standalone mode typer returns exit codes instead of raising: 130 for Ctrl-C, N for typer.Exit(N)
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+        if rv == 130:
+            typer.secho("interrupted", err=True)
+        return rv
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return code
 
 
 if __name__ == "__main__":

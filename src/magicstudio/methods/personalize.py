@@ -116,20 +116,39 @@ def encode_prompt(comps, prompt: str | list[str], token_ids: list[int], device: 
 
 def prepared_dir(folder: str | Path, role: str, cache_root: Path, size: int, progress: bool = True) -> Path:
     """``folder`` itself when ``magicstudio prepare`` made it, else a prepared copy under ``cache_root``."""
-    from ..data.prepare import is_prepared, prepare_folder
+    from ..data.prepare import MANIFEST, load_prepared, prepare_folder
 
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"{role} folder not found: {folder}")
-    if is_prepared(folder):
+    if not folder.is_dir():
+        raise UserError(f"{role}: {folder} is a file, not a folder of photos")
+    if (folder / MANIFEST).is_file():  # made by `prepare`: use it as it is, or say what is wrong with it
+        prepared = load_prepared(folder)
+        if prepared.role != role:
+            log.warning("%s was prepared as a %s set and is used as the %s set here", folder, prepared.role, role)
         return folder
     out = cache_root / role
     report = prepare_folder(folder, role, out, size=size, progress=progress)
     if not report.items:
         raise UserError(f"no usable {role} image in {folder}: " + "; ".join(f"{r.path}: {r.reason}" for r in report.rejected[:3]))
+    for r in report.rejected:  # the photos left out, and why (prepare lists them too)
+        log.warning("%s photo skipped: %s: %s", role, r.path, r.reason)
     for w in report.warnings:
         log.warning("%s: %s", role, w)
     return out
+
+
+def check_run_settings(cfg) -> None:
+    """The settings every method shares, checked before anything is written (one line each)."""
+    res = cfg.resolution
+    if res is not None and not (64 <= res <= 2048 and res % 8 == 0):
+        raise UserError(f"--resolution {res}: must be a multiple of 8 between 64 and 2048 (leave it out for the "
+                        "model's own size)")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, fp16 or bf16")
+    if not -2**63 <= int(cfg.seed) < 2**63:
+        raise UserError(f"--seed {cfg.seed} is out of range (|seed| < 2**63)")
 
 
 def open_run(source, reference, out, cfg, resume: bool = False, progress: bool = True):
@@ -145,16 +164,33 @@ def open_run(source, reference, out, cfg, resume: bool = False, progress: bool =
     from .runs import RunDir
 
     run = RunDir(out)
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--out {run.path} is a file, not a folder")
     if run.is_done():
         if resume:
             print(f"{run.path} has already finished training; nothing to resume.")
             return None
         raise UserError(f"{run.path} holds a finished run; choose another --out (nothing was overwritten)")
-    if run.config_path.exists() and not resume:
+    started = run.config_path.exists() and run.latest_checkpoint() is not None
+    if started and not resume:
         raise UserError(f"{run.path} holds an unfinished run; pass --resume to continue it, or choose another --out")
-    if resume and run.config_path.exists():
+    if resume and not started:
+        if not run.config_path.exists():
+            raise UserError(f"nothing to resume in {run.path}: no run was started there (leave out --resume to start one)")
+        log.warning("%s has no checkpoint yet: starting it again with this command's settings", run.path)
+    foreign = run.foreign_entries() if not run.config_path.exists() else []
+    if foreign:
+        raise UserError(f"--out {run.path} already holds other files ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder (nothing was written)")
+    if started:  # the run's own settings win; say which of this command's differ
         saved = run.read_config()
-        cfg = replace(cfg, **{k: v for k, v in saved.items() if k in asdict(cfg)})  # the run's own settings win
+        mine = asdict(cfg)
+        ignored = [f"{k}={mine[k]!r} (saved: {v!r})" for k, v in saved.items()
+                   if k in mine and mine[k] is not None and mine[k] != v]
+        if ignored:
+            log.warning("--resume continues with the run's saved settings; not used: %s", ", ".join(ignored))
+        cfg = replace(cfg, **{k: v for k, v in saved.items() if k in mine})
+    check_run_settings(cfg)
     run.create()
     comps = load_base(cfg.model)
     cfg = replace(cfg, resolution=cfg.resolution or comps.resolution)

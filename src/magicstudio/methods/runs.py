@@ -27,6 +27,9 @@ from ..io import atomic_write
 from .state import load_state, save_state
 
 CKPT_PREFIX = "step-"
+#: what a run folder may hold besides the user's own notes: anything else means --out is somebody's folder
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "samples", "embeddings", "prepared", "logs", "DONE",
+               "pytorch_lora_weights.safetensors", "a1111", "generated", "class_images", "state"}
 
 
 class RunDir:
@@ -61,6 +64,12 @@ class RunDir:
     def is_done(self) -> bool:
         return self.done_path.is_file()
 
+    def foreign_entries(self) -> list[str]:
+        """Names in the folder that no run writes (hidden files aside)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+
     def create(self) -> "RunDir":
         for p in (self.path, self.checkpoints, self.samples, self.embeddings):
             p.mkdir(parents=True, exist_ok=True)
@@ -75,7 +84,13 @@ class RunDir:
     def read_config(self) -> dict:
         if not self.config_path.is_file():
             raise UserError(f"{self.path} is not a magicstudio run (no config.yaml)")
-        return yaml.safe_load(self.config_path.read_text()) or {}
+        try:
+            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.config_path} is damaged ({type(exc).__name__}); it is not readable YAML") from None
+        if not isinstance(data, dict) or "model" not in data:
+            raise UserError(f"{self.config_path} is damaged: it does not hold a run's settings (no 'model' entry)")
+        return data
 
     # -- metrics
     def log_metrics(self, record: dict) -> None:

@@ -144,6 +144,12 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
     elif latest is not None:
         raise UserError(f"{run.path} already has checkpoints; pass --resume to continue it, or choose another --out")
     if step >= total:
+        if saved is not None and accelerator.is_main_process:
+            # stopped after the last checkpoint but before the outputs were written: write them now
+            for phase in phases:
+                phase.setup()  # the trainable modules (e.g. LoRA adapters) must exist to take the state
+            method.load_trainable_state(saved["trainable"])
+            _finish(method, run, total)
         return 0
 
     writer = _tensorboard(run) if tensorboard and accelerator.is_main_process else None
@@ -219,9 +225,14 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
         if writer is not None:
             writer.close()
     if accelerator.is_main_process:
-        method.finalize(run)
-        run.done_path.write_text(f"{total}\n")
+        _finish(method, run, total)
     return step - first
+
+
+def _finish(method, run: RunDir, total: int) -> None:
+    """The run's outputs (weights, exports, final samples), then the DONE marker, last."""
+    method.finalize(run)
+    run.done_path.write_text(f"{total}\n")
 
 
 def _tensorboard(run: RunDir):
