@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +50,28 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
+def read_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only``); ``mmap`` maps a zip checkpoint
+    instead of reading it. UserError that tells a damaged file apart from one that needs code to unpickle."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4" on files that then fail anyway
+            return torch.load(str(path), map_location="cpu", weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    except Exception as exc:
+        if re.search(r"GLOBAL|allowlist|unrecognized function", str(exc)):  # torch's weights-only unpickler refused
+            raise UserError(
+                f"refusing to load {path}: it holds objects other than tensors and unpickling it could run code; "
+                "convert it to .safetensors"
+            ) from None
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint: it is damaged, truncated or not a checkpoint at all"
+        ) from None
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a weights file: safetensors, or a pickle restricted to tensors (``weights_only``).
 
@@ -54,6 +79,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     execute code from the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a weights file (.safetensors, .pt, .pth or .bin)")
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -64,13 +91,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as exc:  # corrupt header, truncated file, not safetensors at all
             raise UserError(f"{path} is not a readable safetensors file ({exc.__class__.__name__}: {exc})") from None
     if path.suffix in PICKLE_SUFFIXES:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(
-                f"refusing to load {path}: it is not a plain tensor checkpoint and unpickling it could run code "
-                f"({exc.__class__.__name__}); convert it to .safetensors"
-            ) from None
+        obj = read_pickle(path)
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

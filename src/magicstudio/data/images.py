@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +31,11 @@ IMAGE_EXTENSIONS = frozenset(
      ".heic", ".heif", ".ppm", ".pgm", ".pnm", ".tga", ".qoi", ".mpo"}
 )
 PadMode = Literal["edge", "reflect", "constant"]
+#: Largest image ``open_image`` decodes: real cameras (100 MP is 11648x8736, phones reach 200 MP) pass, while
+#: decompression bombs are refused. Pillow's own default guard (~89 MP) would refuse a 100 MP photo.
+MAX_PIXELS = 300_000_000
+_PILLOW_DEFAULT_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+_PIXEL_LIMIT_LOCK = threading.Lock()
 _SRGB = ImageCms.createProfile("sRGB")
 
 
@@ -41,15 +49,31 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: (p.name.lower(), p.name))
 
 
+@contextmanager
+def _pixel_limit():
+    """Pillow's decompression-bomb guard set to ``MAX_PIXELS`` for the block (yields the limit), then restored.
+
+    An application that lowered ``Image.MAX_IMAGE_PIXELS`` below Pillow's default keeps its stricter limit."""
+    with _PIXEL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        limit = saved if saved is not None and saved < _PILLOW_DEFAULT_PIXELS else MAX_PIXELS
+        Image.MAX_IMAGE_PIXELS = limit
+        try:
+            yield limit
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file fully, upright (EXIF orientation applied), in its own mode.
 
-    Pillow's decompression-bomb guard stays on: images over ``Image.MAX_IMAGE_PIXELS`` are refused. Every
-    failure (missing, unreadable, truncated, not an image, too large) is a ``UserError("<file>: <reason>")``.
+    Images over ``MAX_PIXELS`` are refused as possible decompression bombs. Every failure (missing, unreadable,
+    truncated, not an image, too large) is a ``UserError("<file>: <reason>")``.
     """
     path = Path(path)
+    limit = MAX_PIXELS
     try:
-        with warnings.catch_warnings():
+        with _pixel_limit() as limit, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)  # "possibly corrupt EXIF data" and the like
             with Image.open(path) as im:
@@ -59,7 +83,10 @@ def open_image(path: str | os.PathLike) -> Image.Image:
                 except Exception:  # malformed EXIF: keep the pixels as stored
                     return im.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UserError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+        found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow: "Image size (N pixels) exceeds limit of ..."
+        size = f"{int(found[1]):,} pixels" if found else "too many pixels"
+        raise UserError(
+            f"{path}: {size}, over the limit of {limit:,}: refused as a possible decompression bomb") from None
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:

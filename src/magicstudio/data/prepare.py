@@ -44,6 +44,7 @@ Role = Literal["source", "reference"]
 ROLES: tuple[str, ...] = ("source", "reference")
 MASK_KINDS: tuple[str, ...] = ("face", "head", "person")
 MANIFEST = "manifest.json"
+PREVIEW = "preview.png"
 MANIFEST_VERSION = 1
 SOURCE_MARGIN = 2.2  # crop side / face-box side: the face fills ~45% of a source crop, like a selfie
 MIN_SOURCE_MARGIN = 1.4  # close-ups: the crop may shrink to this margin rather than pad past the photo
@@ -182,6 +183,8 @@ class _UserMasks:
     """A user mask folder, indexed once: ``load(stem, size)`` -> {kind: mask} for one photo."""
 
     def __init__(self, root: Path) -> None:
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root}: is a file, not a mask folder")
         if not root.is_dir():
             raise UserError(f"{root}: mask folder not found")
         self.root = root
@@ -292,16 +295,40 @@ def _check_folders(input_dir: Path, out: Path, masks_dir: Path | None) -> None:
             raise UserError(f"the output folder {out} must not be the {what} folder or contain it as images/ or masks/")
 
 
-def _previous_outputs(out: Path) -> list[Path]:
-    """Files listed by a previous manifest in ``out`` (only those inside ``out``)."""
+def _is_manifest(data: Any) -> bool:
+    """True for a manifest that ``prepare_folder`` wrote (finished or, with ``writing``, interrupted)."""
+    return (isinstance(data, dict) and data.get("version") == MANIFEST_VERSION and "magicstudio" in data
+            and data.get("role") in ROLES and isinstance(data.get("items"), list))
+
+
+def _owned(out: Path) -> set[Path]:
+    """Files (resolved, inside ``out``) an earlier run wrote: its manifest, its preview, the files the manifest
+    lists, and those an interrupted run was about to write. Empty when ``out`` holds no manifest of ours."""
     try:
         old = json.loads((out / MANIFEST).read_text())
-        rels = [rel for item in old.get("items", []) for rel in [item["image"], *item["masks"].values()]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
+    except (OSError, ValueError):
+        return set()
+    if not _is_manifest(old):
+        return set()
+    rels = [MANIFEST, PREVIEW] if old["items"] or "writing" in old else [MANIFEST]
+    try:
+        rels += list(old.get("writing", [])) + [
+            rel for item in old["items"] for rel in [item["image"], *item["masks"].values()]]
+    except (KeyError, TypeError, AttributeError):
+        pass
     root = out.resolve()
-    paths = [(out / rel).resolve() for rel in rels if isinstance(rel, str)]
-    return [p for p in paths if root in p.parents]
+    paths = {(out / rel).resolve() for rel in rels if isinstance(rel, str)}
+    return {p for p in paths if root in p.parents}
+
+
+def _refuse_theirs(out: Path, targets: list[Path], owned: set[Path]) -> None:
+    """UserError when a file this run would write is already there and no earlier run made it."""
+    theirs = [p for p in targets if (p.exists() or p.is_symlink()) and p.resolve() not in owned]
+    if theirs:
+        more = f" (and {len(theirs) - 1} more)" if len(theirs) > 1 else ""
+        raise UserError(
+            f"{out} already holds {theirs[0].relative_to(out).as_posix()}{more}, which `magicstudio prepare` did not "
+            "write; choose another output folder or move those files away")
 
 
 def prepare_folder(
@@ -317,8 +344,10 @@ def prepare_folder(
 
     Bad photos are rejected with their reason (in the report and manifest) while the others are kept.
     Re-running into the same ``out_dir`` overwrites its own outputs and removes the outputs of photos that
-    the previous manifest listed and this run does not keep; input files are never modified.
-    Raises UserError for a bad role/size, a missing or empty input folder, or overlapping folders.
+    the previous manifest listed and this run does not keep; input files are never modified, and neither are
+    files in ``out_dir`` that prepare did not write (a run that would overwrite one is refused before it starts).
+    Raises UserError for a bad role/size, a missing or empty input folder, overlapping folders, or an output
+    folder that holds such files or cannot be written.
     """
     if role not in ROLES:
         raise UserError(f"role must be 'source' or 'reference', not {role!r}")
@@ -332,13 +361,29 @@ def prepare_folder(
         exts = ", ".join(sorted(IMAGE_EXTENSIONS)[:6])
         raise UserError(f"{input_dir}: no photos found (looked for {exts}, ...)")
     user_masks = _UserMasks(user_dir) if user_dir is not None else None
-    stale = _previous_outputs(out)
+    stems = unique_stems(files)
+    folders = ["images", *(f"masks/{k}" for k in MASK_KINDS)]
+    rels = [f"{folder}/{stem}.png" for stem in stems for folder in folders]
+    owned = _owned(out)
+    _refuse_theirs(out, [out / rel for rel in [*rels, MANIFEST, PREVIEW]], owned)
+    header = {
+        "version": MANIFEST_VERSION, "magicstudio": __version__, "role": role, "size": size,
+        "input_dir": str(input_dir.resolve()), "masks_dir": None if user_dir is None else str(user_dir.resolve()),
+    }
+    root = out.resolve()
+    writing = sorted({*rels, PREVIEW, *(p.relative_to(root).as_posix() for p in owned)} - {MANIFEST})
+    try:  # marks every file this run may write as ours, so an interrupted run can be re-run
+        for folder in folders:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        write_json(out / MANIFEST, {**header, "items": [], "rejected": [], "warnings": [], "writing": writing})
+    except OSError as exc:
+        raise UserError(f"cannot write to {exc.filename or out}: {exc.strerror or exc}") from None
     own = analyzer is None
     analyzer = analyzer or MediapipeFaceAnalyzer()
     items: list[PreparedItem] = []
     rejected: list[Rejected] = []
     try:
-        for path, stem in _progress(list(zip(files, unique_stems(files))), progress, f"preparing {role} photos"):
+        for path, stem in _progress(list(zip(files, stems)), progress, f"preparing {role} photos"):
             try:
                 item, image, masks = _process(path, stem, role, size, out, analyzer, user_masks)
             except UserError as exc:
@@ -352,21 +397,20 @@ def prepare_folder(
         if own:
             analyzer.close()
     written = {p.resolve() for item in items for p in [item.image, *item.masks.values()]}
-    for path in stale:
-        if path not in written and path.is_file():
+    for path in owned - written - {(out / MANIFEST).resolve(), (out / PREVIEW).resolve()}:
+        if path.is_file():
             path.unlink()
     warnings = []
     if 0 < len(items) < RECOMMENDED_IMAGES:
         warnings.append(f"only {len(items)} usable photo(s); 4-6 are recommended")
-    preview = out / "preview.png"
+    preview = out / PREVIEW
     if items:
         atomic_write(preview, lambda p: render_preview(items).save(p, format="PNG"))
     elif preview.exists():
         preview.unlink()
     manifest = out / MANIFEST
     write_json(manifest, {
-        "version": MANIFEST_VERSION, "magicstudio": __version__, "role": role, "size": size,
-        "input_dir": str(input_dir.resolve()), "masks_dir": None if user_dir is None else str(user_dir.resolve()),
+        **header,
         "items": [item.to_manifest(out) for item in items],
         "rejected": [{"path": r.path, "reason": r.reason} for r in rejected],
         "warnings": warnings,
@@ -425,6 +469,8 @@ def load_prepared(directory: str | os.PathLike) -> PreparedSet:
         raise UserError(f"{root / MANIFEST}: unreadable manifest ({exc})") from None
     if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
         raise UserError(f"{root / MANIFEST}: unsupported manifest version; re-run `magicstudio prepare`")
+    if "writing" in data:
+        raise UserError(f"{root}: `magicstudio prepare` did not finish there; run it again")
     try:
         items = [PreparedItem.from_manifest(root, d) for d in data["items"]]
         set_ = PreparedSet(root, data["role"], int(data["size"]), items)

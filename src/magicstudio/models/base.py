@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..io import read_pickle
 from .components import Components
 from .tiny import build_tiny
 
@@ -64,11 +65,9 @@ def _from_single_file(path: Path, dtype, config: str | None) -> Components:
         pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        if "pickle" in msg.lower() or "weights_only" in msg.lower():
-            raise UserError(f"refusing {path.name}: loading it would need full unpickling (convert it to .safetensors)") from None
-        hint = "" if config else (
-            "; a single-file checkpoint needs its diffusers config: go online once, or pass --base-config with a "
-            "local diffusers folder of the same family (e.g. SD 1.5)"
+        hint = "" if config or not _offline() else (
+            "; offline, a single-file checkpoint needs its model family's diffusers config in the Hugging Face cache: "
+            "run once online, or pass a local diffusers folder (with model_index.json) instead"
         )
         raise UserError(f"could not load single-file checkpoint {path}: {msg}{hint}") from None
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -119,19 +118,25 @@ def load_base(model: str = "tiny", dtype: torch.dtype | None = None, seed: int =
 
 
 def _check_checkpoint(path: Path) -> None:
-    """Reject files that are obviously not SD checkpoints before handing them to diffusers."""
-    if path.suffix != ".safetensors":
-        return
-    from safetensors import safe_open
+    """Reject files that are not SD checkpoints (damaged, unsafe pickles, LoRAs, embeddings) before diffusers."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc.__class__.__name__})") from None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as exc:
+            raise UserError(
+                f"{path} is not a readable safetensors file: it is damaged, truncated or not a checkpoint at all "
+                f"({exc.__class__.__name__})"
+            ) from None
+    else:
+        state = read_pickle(path, mmap=True)  # UserError when damaged or when unpickling it could run code
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        keys = [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
     markers = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
     if not any(k.startswith(markers) for k in keys):
         raise UserError(
-            f"{path} holds {len(keys)} tensors but no Stable Diffusion UNet/VAE/text encoder "
-            f"(is it a LoRA or an embedding? those go to 'generate --lora' / '--embedding')"
+            f"{path} holds no Stable Diffusion UNet/VAE/text encoder weights: it looks like a LoRA or an embedding, "
+            f"not a full model checkpoint (give a whole SD 1.x/2.x checkpoint, a diffusers folder or a hub id)"
         )
