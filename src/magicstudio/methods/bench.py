@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -290,6 +291,7 @@ def run_cell(spec: dict) -> dict:
         if not all(p.is_file() for p in expected):
             from .magicapture.generate import generate
 
+            shutil.rmtree(images, ignore_errors=True)  # the cell's own partial images: generate never overwrites
             generate(run_dir, images, prompt=prompt, num_images=spec["images"], seed=spec["seed"],
                      steps=spec["steps"], guidance=spec["guidance"])
         result["timings"]["generate_s"] = round(time.time() - t0, 3)

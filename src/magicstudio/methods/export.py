@@ -33,6 +33,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -493,23 +494,48 @@ def load_run_into_pipeline(pipe, run_dir: str | os.PathLike, adapter_name: str |
     """Load a run folder into a diffusers SD pipeline the way a user would; return the placeholder tokens.
 
     Just ``pipe.load_lora_weights(run_dir)`` and ``pipe.load_textual_inversion(file, token=...)`` per embedding
-    file: nothing magicstudio-specific is needed to use a run.
+    file: nothing magicstudio-specific is needed to use a run. Each file is read by magicstudio first, so a damaged
+    one is a one-line UserError naming it rather than diffusers' traceback.
     """
     run_dir = Path(run_dir)
     lora = run_dir / LORA_FILE
     files = sorted((run_dir / EMBEDDINGS_DIR).glob("*.safetensors"), key=_natural_key)
     if not lora.is_file() and not files:
         raise UserError(f"{run_dir} has neither {LORA_FILE} nor {EMBEDDINGS_DIR}/*.safetensors")
+    redo = f"re-export it (delete {run_dir / 'DONE'} and resume the training) or train the run again"
     if lora.is_file():
-        pipe.load_lora_weights(str(run_dir), weight_name=LORA_FILE, adapter_name=adapter_name)
-    from safetensors import safe_open
-
+        try:
+            read_lora(lora)
+        except UserError as exc:
+            raise UserError(f"{exc}: the file is damaged; {redo}") from None
+        with _diffusers_loading(lora):
+            pipe.load_lora_weights(str(run_dir), weight_name=LORA_FILE, adapter_name=adapter_name)
     tokens = []
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+        try:
+            keys = list(load_tensors(path))
+        except UserError as exc:
+            raise UserError(f"{exc}: the file is damaged; {redo}") from None
         if len(keys) != 1:
             raise UserError(f"{path} should hold exactly one token's embedding, found keys {keys[:5]}")
-        pipe.load_textual_inversion(str(path), token=keys[0])
+        with _diffusers_loading(path):
+            pipe.load_textual_inversion(str(path), token=keys[0])
         tokens.append(keys[0])
     return tokens
+
+
+@contextmanager
+def _diffusers_loading(path: Path):
+    """Around diffusers loading a file that reads fine: its log lines (a state-dict dump, "no LoRA keys for the text
+    encoder") kept quiet, and its refusal (e.g. a file made for another base model) one line naming the file."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise UserError(f"{path} cannot be loaded into this base model ({type(exc).__name__}: {detail})") from None
+    finally:
+        diffusers_logging.set_verbosity(level)

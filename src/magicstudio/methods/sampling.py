@@ -36,6 +36,15 @@ def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, guida
     return f"{prompt}\nNegative prompt: {negative}\n{line}" if negative else f"{prompt}\n{line}"
 
 
+def unused_stem(folder: str | Path, stem: str, suffixes: tuple[str, ...] = ("",)) -> str:
+    """``stem``, else ``stem-2``, ``stem-3``, ...: the first for which no ``folder/<stem><suffix>.png`` exists."""
+    name, n = stem, 1
+    while any((Path(folder) / f"{name}{suffix}.png").exists() for suffix in suffixes):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
 def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)

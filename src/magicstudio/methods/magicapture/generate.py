@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import torch
 
 from ...errors import UserError
 from ...models.base import load_base
-from ..export import load_run_into_pipeline
+from ..export import LORA_FILE, embedding_name, load_run_into_pipeline
 from ..runs import RunDir
-from ..sampling import AttentionRecorder, a1111_parameters, heatmap_overlay, image_grid, save_png
+from ..sampling import AttentionRecorder, a1111_parameters, heatmap_overlay, image_grid, save_png, unused_stem
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,48 @@ def load_run_pipeline(run_dir: str | Path, scheduler: str = "ddim", model: str |
         comps = load_base(str(run.path / cfg["model_dir"]))
         pipe = comps.pipeline(scheduler=comps.inference_scheduler(scheduler))
         return pipe, cfg, list(cfg.get("tokens") or [])
+    _check_run_files(run, cfg)
     comps = load_base(model or cfg["model"], seed=int(cfg.get("model_seed", 0)))
     pipe = comps.pipeline(scheduler=comps.inference_scheduler(scheduler))
     tokens = load_run_into_pipeline(pipe, run.path)
     return pipe, cfg, tokens
+
+
+def _check_run_files(run: RunDir, cfg: dict) -> None:
+    """The weight files the run's config says it wrote: without one, diffusers would quietly generate without it."""
+    wrote_lora = int(cfg.get("lora_steps") or 0) > 0 or cfg.get("method") == "custom-diffusion"
+    expected = [run.path / LORA_FILE] if wrote_lora else []
+    expected += [run.embeddings / f"{embedding_name(t)}.safetensors" for t in cfg.get("tokens") or []]
+    missing = [str(p) for p in expected if not p.is_file()]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (written when the run finished): restore it, re-export it "
+                        f"(delete {run.done_path} and resume the training) or train the run again")
+
+
+def _load_postprocessor(upscale: int, sr: str, restore_weights: str | None, fidelity: float):
+    """Check the post-processing settings and load the face restorer (None without weights) before any image."""
+    from ...postprocess import SR_BACKENDS, load_restorer, realesrgan_status
+
+    if sr not in SR_BACKENDS:
+        raise UserError(f"unknown super-resolution backend {sr!r}: use {' or '.join(SR_BACKENDS)}")
+    if upscale > 1 and sr == "realesrgan":
+        ok, why = realesrgan_status()
+        if not ok:
+            raise UserError(why)
+    return load_restorer(restore_weights, "auto", fidelity) if restore_weights else None
+
+
+def _output_folder(out: Path) -> Path:
+    """``out``, created if needed; a file there, an impossible or unwritable place is a one-line UserError."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder for the images")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder {out} ({exc.strerror or type(exc).__name__})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write images to {out} (permission denied)")
+    return out
 
 
 def default_prompt(cfg: dict) -> str:
@@ -52,10 +91,15 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
     """Generate ``num_images`` PNGs (one seed each: ``seed``, ``seed+1``, ...) into ``out_dir``.
 
     With ``upscale`` > 1 or ``restore_weights``, each image is also post-processed (the paper's super-resolution
-    and face restoration) into ``NNN-seedS-post.png``; the raw image is kept beside it.
+    and face restoration) into ``NNN-seedS-post.png``; the raw image is kept beside it. Earlier images are never
+    overwritten: a name already taken gets ``-2``, ``-3``, ... (``NNN-seedS-2.png`` with ``NNN-seedS-2-post.png``).
     """
     if num_images < 1 or steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
+    if not -(2**63) <= seed <= 2**64 - num_images:  # torch generators take 64-bit seeds
+        raise UserError(f"--seed must be between {-(2**63)} and {2**64 - num_images} (with --num-images {num_images})")
+    restorer = _load_postprocessor(upscale, sr, restore_weights, fidelity)
+    post = upscale > 1 or restorer is not None
     pipe, cfg, tokens = load_run_pipeline(run_dir, scheduler, model)
     prompt = prompt or default_prompt(cfg)
     missing_tokens = [t for t in tokens if t not in prompt]
@@ -65,8 +109,7 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
         if bad not in tokens:
             raise UserError(f"the prompt names {bad}, which this run did not learn (it has {', '.join(tokens)})")
     size = size or int(cfg.get("resolution") or 512)
-    out = Path(out_dir or Path(run_dir) / "generated")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out_dir or Path(run_dir) / "generated"))
     token_ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in tokens]
     paths = []
     for i in range(num_images):
@@ -85,17 +128,17 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
             image = pipe(**kwargs).images[0]
         params = a1111_parameters(prompt, negative, steps, scheduler, guidance, s, (size, size), str(cfg["model"]),
                                   {"Run": Path(run_dir).name})
-        path = save_png(image, out / f"{i:03d}-seed{s}.png", params)
-        paths.append(path)
-        if upscale > 1 or restore_weights:
+        stem = unused_stem(out, f"{i:03d}-seed{s}", ("", "-post", "-attention"))  # never overwrite earlier images
+        paths.append(save_png(image, out / f"{stem}.png", params))
+        if post:
             from ...postprocess import postprocess
 
-            post = postprocess(image, upscale_factor=max(1, upscale), restore_weights=restore_weights,
-                               fidelity=fidelity, sr_backend=sr)
+            big = postprocess(image, upscale_factor=max(1, upscale), fidelity=fidelity, sr_backend=sr,
+                              restorer=restorer)
             how = f"upscale x{max(1, upscale)} ({sr})" + (f", face restoration w={fidelity}" if restore_weights else "")
-            save_png(post, out / f"{i:03d}-seed{s}-post.png", params + f", Postprocess: {how}")
+            save_png(big, out / f"{stem}-post.png", params + f", Postprocess: {how}")
         if save_attention:
             heat = recorder.maps()[0]
             panels = [image] + [heatmap_overlay(image, heat[..., k]) for k in range(len(tokens))]
-            image_grid(panels, cols=len(panels)).save(out / f"{i:03d}-seed{s}-attention.png")
+            image_grid(panels, cols=len(panels)).save(out / f"{stem}-attention.png")
     return paths
