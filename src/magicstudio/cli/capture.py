@@ -58,8 +58,8 @@ def train_cmd(
     cfg = make_config(preset, **overrides)
     run = run_training(source, reference, out, cfg, resume=resume, progress=not quiet)
     if not quiet:
-        typer.echo(f"run folder: {run.path}  (LoRA: pytorch_lora_weights.safetensors, tokens: embeddings/, "
-                   f"A1111/ComfyUI: a1111/, metrics: metrics.jsonl)")
+        lora = "LoRA: pytorch_lora_weights.safetensors, " if (run.path / "pytorch_lora_weights.safetensors").is_file() else ""
+        typer.echo(f"run folder: {run.path}  ({lora}tokens: embeddings/, A1111/ComfyUI: a1111/, metrics: metrics.jsonl)")
 
 
 @capture_app.command("generate")
