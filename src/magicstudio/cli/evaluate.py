@@ -48,7 +48,14 @@ def evaluate(
     from ..evaluation import evaluate_images, load_prompts, write_report
 
     prompt_spec = None
+    report_files = {out.with_suffix(".json").resolve(), out.with_suffix(".md").resolve()}
+    inputs = [Path(x) for x in (prompts, generated, source, reference) if x]
+    clash = next((x for x in inputs if x.exists() and x.resolve() in report_files), None)
+    if clash is not None:
+        raise UserError(f"--out {out} would overwrite the input {clash}; give the report another name")
     if prompts is not None:
+        if Path(prompts).is_dir():
+            raise UserError(f"--prompts {prompts} is a folder; give a .json / .txt file or the prompt text")
         looks_like_file = prompts.lower().endswith((".json", ".txt")) or Path(prompts).is_file()
         prompt_spec = load_prompts(prompts) if looks_like_file else prompts
     report = evaluate_images(

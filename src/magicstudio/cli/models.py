@@ -17,9 +17,16 @@ def tiny_model(
     """Write the tiny random-weight SD 1.5-architecture model; every --model option accepts the folder."""
     from ..models.tiny import write_tiny
 
-    if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
-        from ..errors import UserError
+    from ..errors import UserError
 
-        raise UserError(f"{out} exists and is not empty; choose an empty or new folder")
+    marker = out / ".magicstudio-tiny-model"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise UserError(f"--out {out} exists and holds files this command did not write; choose an empty or new "
+                        "folder (nothing was changed)")
+    if not -2**63 <= seed < 2**63:
+        raise UserError(f"--seed {seed} is out of range (|seed| < 2**63)")
     write_tiny(out, seed)
+    marker.write_text("written by `magicstudio tiny-model`; it may be written again\n")
     typer.echo(f"wrote the tiny model to {out} (load it with StableDiffusionPipeline.from_pretrained('{out}'))")

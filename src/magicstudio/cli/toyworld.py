@@ -89,6 +89,10 @@ def samples(
 ) -> None:
     """Write the held-out identity and style sets as prepared folders (what `table` personalises)."""
     from ..data import toyworld as world
+    from ..errors import UserError
+
+    if not 1 <= n <= 100:
+        raise UserError(f"--n {n}: give between 1 and 100 pictures per set")
 
     for i in range(len(world.HELD_OUT_IDENTITIES)):
         world.write_concept_set(world.concept_set("identity", i, n), out / f"identity-{i}", "source")

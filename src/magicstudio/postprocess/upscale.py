@@ -105,16 +105,20 @@ def realesrgan_status() -> tuple[bool, str]:
 
 def _resolve_device(device: str | int) -> int:
     """ncnn's ``gpuid``: -1 for the CPU. ``"auto"`` picks GPU 0 when it is a hardware Vulkan device."""
-    if isinstance(device, int):
-        return device
     name = str(device).strip().lower()
-    if name == "cpu":
+    if isinstance(device, int) or name.lstrip("-").isdigit():
+        gpu = int(name)
+    elif name == "cpu":
         return -1
-    if name.removeprefix("gpu").removeprefix(":").isdigit():
-        return int(name.removeprefix("gpu").removeprefix(":"))
-    if name != "auto":
+    elif name.removeprefix("gpu").removeprefix(":").isdigit():
+        gpu = int(name.removeprefix("gpu").removeprefix(":"))
+    elif name != "auto":
         raise UserError(f"unknown Real-ESRGAN device {device!r}: use auto, cpu or a GPU number (gpu:0)")
-    if "auto" not in _device_cache:
+    else:
+        gpu = None
+    if gpu is not None and gpu < 0:
+        return -1
+    if "count" not in _device_cache:
         _, wrapped = _import_wrapper()
         with _capture_native_stderr() as log:
             try:
@@ -124,8 +128,14 @@ def _resolve_device(device: str | int) -> int:
         listing = "".join(log)
         first = [line for line in listing.splitlines() if line.startswith("[0 ")]
         software = bool(first) and bool(_SOFTWARE_VULKAN.search(first[0]))
+        _device_cache["count"] = count
         _device_cache["auto"] = 0 if count > 0 and not software else -1
-    return _device_cache["auto"]
+    if gpu is None:
+        return _device_cache["auto"]
+    if gpu >= _device_cache["count"]:  # ncnn crashes the process (segfault) on a GPU that does not exist
+        raise UserError(f"Real-ESRGAN device gpu:{gpu} does not exist ({_device_cache['count']} Vulkan GPU(s) "
+                        "found); use auto, cpu or a smaller number")
+    return gpu
 
 
 def _realesrgan_model(device: str | int, tile: int | None) -> tuple[Any, threading.Lock]:

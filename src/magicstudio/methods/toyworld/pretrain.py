@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data import toyworld as world
+from ...errors import UserError
 from ...io import atomic_write, write_json
 from ...models import toyworld as tw
 from ..state import load_state, save_state
@@ -288,7 +289,13 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
     """Run (or resume) the pretraining; returns a summary (also written to ``WORK/summary.json``)."""
     cfg = cfg or PretrainConfig()
     work, dest = Path(work), Path(dest) if dest else tw.ASSETS
-    work.mkdir(parents=True, exist_ok=True)
+    if not -2**63 <= cfg.seed < 2**63:
+        raise UserError(f"--seed {cfg.seed} is out of range (|seed| < 2**63)")
+    try:  # both folders are checked before an hour of training, not when the results are saved
+        for folder in (work, dest):
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot use {exc.filename or folder} as a folder ({exc.strerror or exc})") from None
     write_json(work / "config.json", asdict(cfg))
     torch.manual_seed(cfg.seed)
     summary: dict = {"config": asdict(cfg), "threads": torch.get_num_threads()}
