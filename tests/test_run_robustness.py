@@ -198,3 +198,15 @@ def test_missing_gpu_for_real_esrgan_is_one_line(tmp_path, capsys):
     Image.new("RGB", (32, 32), (120, 80, 60)).save(tmp_path / "a.png")
     assert main(["postprocess", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--sr-device", "7"]) == 2
     assert "gpu:7" in capsys.readouterr().err
+
+
+def test_postprocess_never_overwrites_files_in_out(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (120, 80, 60)).save(tmp_path / "face.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "face.png").write_bytes(b"the user's own picture")
+    assert main(["postprocess", str(tmp_path / "face.png"), "-o", str(out), "--sr", "lanczos"]) == 0
+    assert (out / "face.png").read_bytes() == b"the user's own picture"
+    assert Image.open(out / "face-2.png").size == (64, 64)

@@ -41,10 +41,11 @@ def _gather(inputs: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def _output_path(src: Path, out: Path, taken: set[Path], inputs: set[Path]) -> Path:
-    """``out/<stem>.png``, numbered ``<stem>-2.png``... when an earlier output or an input already has that name."""
+    """``out/<stem>.png``, numbered ``<stem>-2.png``... when an output of this run, an input or any existing file
+    already has that name: nothing already in ``out`` is overwritten."""
     candidate = out / f"{src.stem}.png"
     n = 2
-    while candidate.resolve() in taken or candidate.resolve() in inputs:
+    while candidate.resolve() in taken or candidate.resolve() in inputs or candidate.exists():
         candidate = out / f"{src.stem}-{n}.png"
         n += 1
     taken.add(candidate.resolve())
