@@ -131,6 +131,8 @@ def select_layers(unet, which: str | list[str] = "paper", kind: str = "attn2") -
     ``kind``. ``"down:<f>,up:<f>"`` style is not needed; a list of names or regexes selects explicitly.
     ``"res:<f>"`` picks down and up blocks whose downsampling factor is ``f`` (``"res:4"`` == ``"paper"``).
     """
+    from ..errors import UserError
+
     names = [n for n, m in unet.named_modules() if n.endswith("." + kind)]
     n_down = len(unet.config.block_out_channels)
     if isinstance(which, str):
@@ -139,14 +141,26 @@ def select_layers(unet, which: str | list[str] = "paper", kind: str = "attn2") -
         if which == "paper":
             which = "res:4"
         if which.startswith("res:"):
-            factors = {int(x) for x in which[4:].split("+")}
-            return [n for n in names if not n.startswith("mid_block") and _down_factor(n, n_down) in factors]
+            parts = which[4:].split("+")
+            if not all(p.strip().isdigit() for p in parts):
+                raise UserError(f"bad layer spec {which!r}: expected res:<factors>, e.g. res:4 or res:1+2")
+            factors = {int(x) for x in parts}
+            picked = [n for n in names if not n.startswith("mid_block") and _down_factor(n, n_down) in factors]
+            if not picked:
+                valid = sorted({f for n in names if not n.startswith("mid_block")
+                                for f in [_down_factor(n, n_down)] if f is not None})
+                raise UserError(f"layer spec {which!r} selects no attention layer ({kind}); this model's factors "
+                                f"are {'+'.join(map(str, valid))}")
+            return picked
         which = [which]
+    for w in which:
+        try:
+            re.compile(w)
+        except (re.error, TypeError) as exc:
+            raise UserError(f"bad layer spec {w!r}: not a layer name or regular expression ({exc})") from None
     picked = [n for n in names if any(n == w or re.fullmatch(w, n) for w in which)]
     if not picked:
-        from ..errors import UserError
-
-        raise UserError(f"no {kind} attention layer matches {which}")
+        raise UserError(f"layer spec {which} selects no attention layer ({kind})")
     return picked
 
 

@@ -232,9 +232,23 @@ def replaced_layers(unet, which: str | list[str] = "up:1+2") -> list[str]:
     resolutions, 64x64 and 32x32 at 512 px, as in the paper); anything else goes to ``select_layers`` (``"all"``,
     ``"res:1+2"`` for down and up blocks, or a list of names/regexes).
     """
+    from ..errors import UserError
+
     if isinstance(which, str) and which.startswith("up:"):
-        return [n for n in select_layers(unet, "res:" + which[3:], "attn1") if n.startswith("up_blocks.")]
-    return select_layers(unet, which, "attn1")
+        parts = which[3:].split("+")
+        if not all(p.strip().isdigit() for p in parts):
+            raise UserError(f"bad --layers {which!r}: expected up:<factors>, e.g. up:1+2")
+        try:
+            picked = [n for n in select_layers(unet, "res:" + which[3:], "attn1") if n.startswith("up_blocks.")]
+        except UserError:
+            picked = []
+        if not picked:
+            raise UserError(f"--layers {which!r} selects no attention layer of this model (try up:1+2)")
+        return picked
+    try:
+        return select_layers(unet, which, "attn1")
+    except UserError as exc:
+        raise UserError(f"--layers: {exc}") from None
 
 
 def install_magicface(unet, state: MagicFaceState, store: AttentionStore, replaced: list[str]) -> dict:

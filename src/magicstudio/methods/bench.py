@@ -72,7 +72,13 @@ def load_pairs(path: str | Path) -> list[Pair]:
     if not path.is_file():
         raise UserError(f"pairs file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, yaml.YAMLError):
+            raise
+        raise UserError(f"{path}: not a text (UTF-8) YAML file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         raise UserError(f"{path}: not valid YAML" + (f" (line {where.line + 1})" if where else "")) from None
@@ -174,13 +180,91 @@ def check_settings(settings: BenchSettings) -> None:
         raise UserError(f"unknown preset {settings.preset!r}; choose one of {', '.join(PRESETS)}")
     if settings.images_per_pair < 1 or settings.sampling_steps < 1:
         raise UserError("--images-per-pair and --steps must be at least 1")
+    if not math.isfinite(settings.guidance):
+        raise UserError(f"--guidance must be a finite number (got {settings.guidance})")
+    _check_evaluation(settings)
     for key, values in settings.overrides.items():
         if key != "*" and key not in settings.methods:
             raise UserError(f"settings given for {key}, which is not among the methods ({', '.join(settings.methods)})")
         targets = [key] if key != "*" else settings.methods
-        for name in values:
+        for name, value in values.items():
             if not any(name in method_settings(m) for m in targets):
                 raise UserError(f"unknown setting {name!r} for {key if key != '*' else 'any selected method'}")
+            label = f"{key}.{name}" if key != "*" else name
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--set {label}={value}: must be a finite number")
+            for m in targets:
+                kinds = setting_types(m).get(name)
+                if kinds and not _value_fits(value, kinds):
+                    raise UserError(f"--set {label}={value!r}: {m} expects {' or '.join(kinds)}")
+                default = _setting_default(m, name)
+                if (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+                        and isinstance(default, (int, float)) and not isinstance(default, bool) and default >= 0
+                        and not name.endswith("seed")):
+                    raise UserError(f"--set {label}={value!r}: must not be negative")
+
+
+_SIMPLE_TYPES = {"int", "float", "str", "bool", "None"}
+
+
+def setting_types(method: str) -> dict[str, tuple[str, ...]]:
+    """The simple types (int, float, str, bool, None) of each of ``method``'s settings, from its config class's
+    annotations; settings of other types (lists ...) are left out (not checked)."""
+    if method.startswith("magicapture"):
+        from .magicapture.config import CaptureConfig as cls
+    else:
+        from .baselines.common import BaselineConfig as cls
+    out = {}
+    for f in fields(cls):
+        kinds = tuple(t.strip() for t in str(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type))
+                      .replace("Optional[", "").replace("]", " | None").split("|"))
+        if kinds and all(k in _SIMPLE_TYPES for k in kinds):
+            out[f.name] = kinds
+    return out
+
+
+def _setting_default(method: str, name: str) -> Any:
+    if method.startswith("magicapture"):
+        from .magicapture.config import CaptureConfig as cls
+    else:
+        from .baselines.common import BaselineConfig as cls
+    for f in fields(cls):
+        if f.name == name:
+            return f.default
+    return None
+
+
+def _value_fits(value: Any, kinds: tuple[str, ...]) -> bool:
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return "int" in kinds or "float" in kinds
+    if isinstance(value, float):
+        return "float" in kinds
+    if isinstance(value, str):
+        return "str" in kinds
+    return False
+
+
+def _check_evaluation(settings: BenchSettings) -> None:
+    """Metric names and the face backend's form, checked before any cell is trained."""
+    if not settings.metrics:
+        raise UserError("no metric given (--metrics)")
+    try:
+        from ..evaluation.face_id import parse_backend
+        from ..evaluation.metrics import parse_metrics
+    except ImportError:  # the evaluation extras are missing: each cell records why it cannot be evaluated
+        return
+    try:
+        parse_metrics(list(settings.metrics))
+    except UserError as exc:
+        raise UserError(f"--metrics: {exc}") from None
+    try:
+        backend, _ = parse_backend(settings.face_backend)
+    except UserError as exc:
+        raise UserError(f"--face-backend: {exc}") from None
 
 
 def parse_set(items: list[str]) -> dict:
@@ -413,7 +497,15 @@ def plan(pairs: list[Pair], settings: BenchSettings, out: Path, evaluator: Any =
             fp = _fingerprint(settings, pair, method, overrides)
             meta = cdir / "cell.json"
             if meta.is_file():
-                old = json.loads(meta.read_text()).get("fingerprint", {})
+                try:
+                    old = json.loads(meta.read_text(encoding="utf-8"))
+                    if not isinstance(old, dict):
+                        raise ValueError("not a JSON object")
+                    old = old.get("fingerprint", {})
+                    if not isinstance(old, dict):
+                        raise ValueError("fingerprint is not a JSON object")
+                except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                    raise UserError(f"{meta} is damaged; delete the folder {cdir} to redo that cell") from None
                 diff = [k for k in fp if old.get(k) != fp[k]]
                 if diff:
                     changes = ", ".join(f"{k}: {old.get(k)!r} -> {fp[k]!r}" for k in diff)
@@ -432,6 +524,16 @@ def plan(pairs: list[Pair], settings: BenchSettings, out: Path, evaluator: Any =
     return specs
 
 
+def check_out(out: Path) -> None:
+    """``out`` must be new, empty, or a bench folder (bench.yaml or cells/): a user's other folder is not written into."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "bench.yaml").is_file() or (out / "cells").is_dir()):
+        raise UserError(f"--out {out} is a non-empty folder that is not a bench folder (no bench.yaml or cells/); "
+                        f"use a new or empty folder")
+
+
 def run_bench(pairs: list[Pair], settings: BenchSettings, out: str | Path, backend: str = "local",
               ray_address: str | None = None, evaluator: Any = None, reevaluate: bool = False,
               progress: bool = True) -> BenchResult:
@@ -440,6 +542,7 @@ def run_bench(pairs: list[Pair], settings: BenchSettings, out: str | Path, backe
         raise UserError(f"unknown backend {backend!r}; use local or ray")
     check_settings(settings)
     out = Path(out)
+    check_out(out)
     specs = plan(pairs, settings, out, evaluator, reevaluate)
     ray = _import_ray() if backend == "ray" else None
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ changes nothing but the cost.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ..attention.capture import AttentionStore, restore_processors
 from ..attention.magicface import MagicFaceState, install_magicface, replaced_layers
 from ..attention.segmentation import PALETTE, render, segment
 from ..errors import UserError
-from .sampling import a1111_parameters, image_grid, save_png
+from .sampling import a1111_parameters, image_grid, save_png, unused_stem
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,7 @@ class MagicFaceSampler:
                  ref_prompt: str = "a photo of a {word}", other_scale: float = 0.9):
         if not references:
             raise UserError("MagicFace needs at least one --concept")
-        if not 0.0 <= alpha <= 1.0 or steps < 1 or not np.isfinite(weight):
-            raise UserError("--alpha must be in [0, 1], --steps at least 1 and --weight a number")
+        check_options(alpha=alpha, weight=weight, steps=steps, guidance=guidance)
         self.comps, self.prompt, self.refs = comps, prompt, references
         self.alpha, self.steps, self.guidance, self.other_scale = alpha, steps, guidance, other_scale
         self.size = references[0].image.width
@@ -283,6 +283,49 @@ class MagicFaceSampler:
 
 # 4. the whole job ---------------------------------------------------------------------------------------------
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def check_options(*, alpha: float = 0.4, weight: float = 3.0, steps: int = 50, guidance: float = 7.5,
+                  num_images: int = 1, seed: int = 0) -> None:
+    """One-line ``UserError`` for an option out of range (checked before anything slow)."""
+    if not _finite(alpha) or not 0.0 <= float(alpha) <= 1.0:
+        raise UserError(f"--alpha must be a number in [0, 1] (got {alpha})")
+    if not _finite(weight):
+        raise UserError(f"--weight must be a finite number (got {weight})")
+    if not _finite(guidance):
+        raise UserError(f"--guidance must be a finite number (got {guidance})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps})")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise UserError(f"--num-images must be at least 1 (got {num_images})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < -2**63 or seed + num_images - 1 >= 2**64:
+        raise UserError(f"--seed must be between {-2**63} and {2**64 - num_images} for {num_images} image(s) "
+                        f"(got {seed})")
+
+
+def _image_stem(out: Path, stem: str) -> str:
+    """A stem for which neither ``<stem>.png``, ``<stem>-masks.png`` nor ``masks/<stem>/`` exists."""
+    name, n = unused_stem(out, stem, ("", "-masks")), 1
+    while (out / "masks" / name).exists():
+        n += 1
+        name = unused_stem(out, f"{stem}-{n}", ("", "-masks"))
+    return name
+
+
+def _free_suffix(out: Path, stem: str) -> str:
+    """``""``, else ``"-2"``, ``"-3"`` ...: the first for which neither ``out/<stem><s>.png`` nor
+    ``out/<stem><s>`` exists (references.png / masks/ of an earlier invocation are kept)."""
+    suffix, n = "", 1
+    while (out / f"{stem}{suffix}.png").exists() or (out / f"{stem}{suffix}").exists():
+        n += 1
+        suffix = f"-{n}"
+    return suffix
+
 def run_magicface(concepts: list[Concept | str], prompt: str, out_dir: str | os.PathLike, model: str = "tiny", *,
                   alpha: float = 0.4, weight: float = 3.0, num_images: int = 1, seed: int = 0, steps: int = 50,
                   guidance: float = 7.5, negative: str = "", size: int | None = None,
@@ -301,18 +344,18 @@ def run_magicface(concepts: list[Concept | str], prompt: str, out_dir: str | os.
     words = [c.word for c in concepts]
     if len(set(words)) != len(words):
         raise UserError(f"each concept needs its own word (got {', '.join(words)})")
-    if num_images < 1:
-        raise UserError("--num-images must be at least 1")
+    check_options(alpha=alpha, weight=weight, steps=steps, guidance=guidance, num_images=num_images, seed=seed)
     comps = comps or load_base(model)
     size = size or comps.resolution
     if size % 8 or size < 64:
         raise UserError(f"--size must be a multiple of 8, at least 64 (got {size})")
     find_word_positions(comps.tokenizer, prompt, words)  # fail on a missing word before the slow parts
+    replaced_layers(comps.unet, layers)  # a bad --layers (UserError) fails before anything is written
     refs = prepare_references(concepts, size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if save_masks:
-        reference_preview(refs).save(out / "references.png")
+    if save_masks:  # one free name per invocation: references[-N].png; masks/ holds one folder per image stem
+        reference_preview(refs).save(out / f"references{_free_suffix(out, 'references')}.png")
     extra = {"MagicFace": f"alpha {alpha}, w {weight}, concepts {'/'.join(words)}"}
     paths = []
     with MagicFaceSampler(comps, prompt, refs, negative=negative, alpha=alpha, weight=weight, steps=steps,
@@ -321,7 +364,8 @@ def run_magicface(concepts: list[Concept | str], prompt: str, out_dir: str | os.
             s = seed + k
             image, segs = sampler.sample(s, keep_masks=save_masks, progress=progress)
             params = a1111_parameters(prompt, negative, steps, "ddim", guidance, s, (size, size), comps.source, extra)
-            path = save_png(image, out / f"{k:03d}-seed{s}.png", params)
+            stem = _image_stem(out, f"{k:03d}-seed{s}")  # never overwrite earlier images or their companions
+            path = save_png(image, out / f"{stem}.png", params)
             paths.append(path)
             if save_masks:
                 pictures = [render(a, size) for a in segs]
