@@ -72,6 +72,23 @@ def read_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:
         ) from None
 
 
+def claim_folder(out: str | os.PathLike, command: str) -> Path:
+    """Make ``out`` the output folder of ``magicstudio <command>``, which may later replace what it wrote there.
+
+    A marker file records the claim; an existing file, or a non-empty folder without the marker (somebody else's),
+    is a UserError and nothing is changed."""
+    out = Path(out)
+    marker = out / f".magicstudio-{command}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise UserError(f"--out {out} already holds files `magicstudio {command}` did not make; choose a new or "
+                        "empty folder (nothing was changed)")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"made by `magicstudio {command}`, which may replace this folder's contents\n")
+    return out
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a weights file: safetensors, or a pickle restricted to tensors (``weights_only``).
 

@@ -34,37 +34,20 @@ def demo(
 ) -> None:
     """prepare -> capture train -> generate -> attention maps; then a MagicFace run (toy world by default)."""
     from ..errors import UserError
+    from ..io import claim_folder
 
     if world not in ("toy", "photos"):
         raise UserError(f"unknown --world {world!r}; use toy or photos")
     if steps < 0:
         raise UserError(f"--steps {steps}: must be at least 1 (or 0 to keep the preset's)")
-    _claim_output(out)
+    claim_folder(out, "demo")
+    for name in ("run", "generated", "magicface"):  # the demo's own previous output
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
     if world == "photos":
         _photos_demo(out, steps)
     else:
         _toy_demo(out, steps)
-
-
-DEMO_MARKER = ".magicstudio-demo"
-
-
-def _claim_output(out: Path) -> None:
-    """Make ``out`` the demo's folder. Only a folder the demo made itself (it holds the marker) is cleared of the
-    demo's previous run; any other non-empty folder is refused, so nothing a user made is touched."""
-    from ..errors import UserError
-
-    marker = out / DEMO_MARKER
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
-        raise UserError(f"--out {out} already holds files the demo did not make; choose a new or empty folder "
-                        "(nothing was changed)")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by `magicstudio demo`; the demo may replace this folder's contents\n")
-    for name in ("run", "generated", "magicface"):  # the demo's own previous output
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
 
 
 def _toy_demo(out: Path, steps: int) -> None:

@@ -15,18 +15,10 @@ def tiny_model(
     seed: int = typer.Option(0, "--seed", help="Weights are drawn from this seed."),
 ) -> None:
     """Write the tiny random-weight SD 1.5-architecture model; every --model option accepts the folder."""
+    from ..io import claim_folder
+    from ..methods.personalize import check_seed
     from ..models.tiny import write_tiny
 
-    from ..errors import UserError
-
-    marker = out / ".magicstudio-tiny-model"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
-        raise UserError(f"--out {out} exists and holds files this command did not write; choose an empty or new "
-                        "folder (nothing was changed)")
-    if not -2**63 <= seed < 2**63:
-        raise UserError(f"--seed {seed} is out of range (|seed| < 2**63)")
-    write_tiny(out, seed)
-    marker.write_text("written by `magicstudio tiny-model`; it may be written again\n")
+    check_seed(seed)
+    write_tiny(claim_folder(out, "tiny-model"), seed)
     typer.echo(f"wrote the tiny model to {out} (load it with StableDiffusionPipeline.from_pretrained('{out}'))")

@@ -73,9 +73,7 @@ def load_pairs(path: str | Path) -> list[Pair]:
         raise UserError(f"pairs file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        if isinstance(exc, yaml.YAMLError):
-            raise
+    except ValueError:  # UnicodeDecodeError, and the like from YAML's constructors (YAMLError is not one)
         raise UserError(f"{path}: not a text (UTF-8) YAML file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
@@ -147,15 +145,21 @@ class BenchSettings:
         return self.steps or GENERATION_STEPS.get(self.preset, 50)
 
 
-def method_settings(method: str) -> set[str]:
-    """The setting names ``method`` accepts as overrides."""
+def _config_class(method: str) -> type:
+    """The settings dataclass of ``method``."""
     if method.startswith("magicapture"):
         from .magicapture.config import CaptureConfig
 
-        return {f.name for f in fields(CaptureConfig)}
+        return CaptureConfig
     from .baselines.common import BaselineConfig
 
-    return {f.name for f in fields(BaselineConfig)} - {"method", "preset"}
+    return BaselineConfig
+
+
+def method_settings(method: str) -> set[str]:
+    """The setting names ``method`` accepts as overrides."""
+    names = {f.name for f in fields(_config_class(method))}
+    return names if method.startswith("magicapture") else names - {"method", "preset"}
 
 
 def resolve_overrides(settings: BenchSettings, method: str) -> dict:
@@ -210,12 +214,8 @@ _SIMPLE_TYPES = {"int", "float", "str", "bool", "None"}
 def setting_types(method: str) -> dict[str, tuple[str, ...]]:
     """The simple types (int, float, str, bool, None) of each of ``method``'s settings, from its config class's
     annotations; settings of other types (lists ...) are left out (not checked)."""
-    if method.startswith("magicapture"):
-        from .magicapture.config import CaptureConfig as cls
-    else:
-        from .baselines.common import BaselineConfig as cls
     out = {}
-    for f in fields(cls):
+    for f in fields(_config_class(method)):
         kinds = tuple(t.strip() for t in str(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type))
                       .replace("Optional[", "").replace("]", " | None").split("|"))
         if kinds and all(k in _SIMPLE_TYPES for k in kinds):
@@ -224,14 +224,7 @@ def setting_types(method: str) -> dict[str, tuple[str, ...]]:
 
 
 def _setting_default(method: str, name: str) -> Any:
-    if method.startswith("magicapture"):
-        from .magicapture.config import CaptureConfig as cls
-    else:
-        from .baselines.common import BaselineConfig as cls
-    for f in fields(cls):
-        if f.name == name:
-            return f.default
-    return None
+    return next((f.default for f in fields(_config_class(method)) if f.name == name), None)
 
 
 def _value_fits(value: Any, kinds: tuple[str, ...]) -> bool:

@@ -37,7 +37,7 @@ from ..attention.capture import AttentionStore, restore_processors
 from ..attention.magicface import MagicFaceState, install_magicface, replaced_layers
 from ..attention.segmentation import PALETTE, render, segment
 from ..errors import UserError
-from .sampling import a1111_parameters, image_grid, save_png, unused_stem
+from .sampling import a1111_parameters, check_image_seeds, image_grid, save_png, unused_stem
 
 log = logging.getLogger(__name__)
 
@@ -303,28 +303,10 @@ def check_options(*, alpha: float = 0.4, weight: float = 3.0, steps: int = 50, g
         raise UserError(f"--steps must be at least 1 (got {steps})")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise UserError(f"--num-images must be at least 1 (got {num_images})")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < -2**63 or seed + num_images - 1 >= 2**64:
-        raise UserError(f"--seed must be between {-2**63} and {2**64 - num_images} for {num_images} image(s) "
-                        f"(got {seed})")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"--seed must be a whole number (got {seed})")
+    check_image_seeds(seed, num_images)
 
-
-def _image_stem(out: Path, stem: str) -> str:
-    """A stem for which neither ``<stem>.png``, ``<stem>-masks.png`` nor ``masks/<stem>/`` exists."""
-    name, n = unused_stem(out, stem, ("", "-masks")), 1
-    while (out / "masks" / name).exists():
-        n += 1
-        name = unused_stem(out, f"{stem}-{n}", ("", "-masks"))
-    return name
-
-
-def _free_suffix(out: Path, stem: str) -> str:
-    """``""``, else ``"-2"``, ``"-3"`` ...: the first for which neither ``out/<stem><s>.png`` nor
-    ``out/<stem><s>`` exists (references.png / masks/ of an earlier invocation are kept)."""
-    suffix, n = "", 1
-    while (out / f"{stem}{suffix}.png").exists() or (out / f"{stem}{suffix}").exists():
-        n += 1
-        suffix = f"-{n}"
-    return suffix
 
 def run_magicface(concepts: list[Concept | str], prompt: str, out_dir: str | os.PathLike, model: str = "tiny", *,
                   alpha: float = 0.4, weight: float = 3.0, num_images: int = 1, seed: int = 0, steps: int = 50,
@@ -355,7 +337,7 @@ def run_magicface(concepts: list[Concept | str], prompt: str, out_dir: str | os.
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if save_masks:  # one free name per invocation: references[-N].png; masks/ holds one folder per image stem
-        reference_preview(refs).save(out / f"references{_free_suffix(out, 'references')}.png")
+        reference_preview(refs).save(out / f"{unused_stem(out, 'references', ('{}.png', '{}'))}.png")
     extra = {"MagicFace": f"alpha {alpha}, w {weight}, concepts {'/'.join(words)}"}
     paths = []
     with MagicFaceSampler(comps, prompt, refs, negative=negative, alpha=alpha, weight=weight, steps=steps,
@@ -364,7 +346,8 @@ def run_magicface(concepts: list[Concept | str], prompt: str, out_dir: str | os.
             s = seed + k
             image, segs = sampler.sample(s, keep_masks=save_masks, progress=progress)
             params = a1111_parameters(prompt, negative, steps, "ddim", guidance, s, (size, size), comps.source, extra)
-            stem = _image_stem(out, f"{k:03d}-seed{s}")  # never overwrite earlier images or their companions
+            # never overwrite earlier images or their companions
+            stem = unused_stem(out, f"{k:03d}-seed{s}", ("{}.png", "{}-masks.png", "masks/{}"))
             path = save_png(image, out / f"{stem}.png", params)
             paths.append(path)
             if save_masks:

@@ -147,8 +147,13 @@ def check_run_settings(cfg) -> None:
                         "model's own size)")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, fp16 or bf16")
-    if not -2**63 <= int(cfg.seed) < 2**63:
-        raise UserError(f"--seed {cfg.seed} is out of range (|seed| < 2**63)")
+    check_seed(cfg.seed)
+
+
+def check_seed(seed: int) -> None:
+    """A training seed seeds torch, the method's generator and numpy: it must fit 64 signed bits."""
+    if not -2**63 <= int(seed) < 2**63:
+        raise UserError(f"--seed {seed} is out of range (|seed| < 2**63)")
 
 
 def open_run(source, reference, out, cfg, resume: bool = False, progress: bool = True):

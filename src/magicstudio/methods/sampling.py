@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
 from ..attention.capture import AttentionStore, install_capture, restore_processors, select_layers
+from ..errors import UserError
 
 SAMPLER_NAMES = {"ddim": "DDIM", "euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "pndm": "PNDM",
                  "ddpm": "DDPM"}
@@ -36,10 +37,18 @@ def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, guida
     return f"{prompt}\nNegative prompt: {negative}\n{line}" if negative else f"{prompt}\n{line}"
 
 
-def unused_stem(folder: str | Path, stem: str, suffixes: tuple[str, ...] = ("",)) -> str:
-    """``stem``, else ``stem-2``, ``stem-3``, ...: the first for which no ``folder/<stem><suffix>.png`` exists."""
+def check_image_seeds(seed: int, num_images: int) -> None:
+    """Images use seeds ``seed .. seed + num_images - 1``: each must fit a torch generator (64 bits)."""
+    if not -2**63 <= seed <= 2**64 - num_images:
+        raise UserError(f"--seed must be between {-2**63} and {2**64 - num_images} for {num_images} image(s) "
+                        f"(got {seed})")
+
+
+def unused_stem(folder: str | Path, stem: str, files: tuple[str, ...] = ("{}.png",)) -> str:
+    """``stem``, else ``stem-2``, ``stem-3``, ...: the first for which none of ``files`` (paths relative to
+    ``folder`` with ``{}`` for the stem, e.g. ``"{}-post.png"`` or ``"masks/{}"``) exists."""
     name, n = stem, 1
-    while any((Path(folder) / f"{name}{suffix}.png").exists() for suffix in suffixes):
+    while any((Path(folder) / pattern.format(name)).exists() for pattern in files):
         n += 1
         name = f"{stem}-{n}"
     return name

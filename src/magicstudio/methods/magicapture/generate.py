@@ -14,7 +14,8 @@ from ...errors import UserError
 from ...models.base import load_base
 from ..export import LORA_FILE, embedding_name, load_run_into_pipeline
 from ..runs import RunDir
-from ..sampling import AttentionRecorder, a1111_parameters, heatmap_overlay, image_grid, save_png, unused_stem
+from ..sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, heatmap_overlay, image_grid, save_png,
+                        unused_stem)
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
     """
     if num_images < 1 or steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
-    if not -(2**63) <= seed <= 2**64 - num_images:  # torch generators take 64-bit seeds
-        raise UserError(f"--seed must be between {-(2**63)} and {2**64 - num_images} (with --num-images {num_images})")
+    check_image_seeds(seed, num_images)
     restorer = _load_postprocessor(upscale, sr, restore_weights, fidelity)
     post = upscale > 1 or restorer is not None
     pipe, cfg, tokens = load_run_pipeline(run_dir, scheduler, model)
@@ -128,7 +128,7 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
             image = pipe(**kwargs).images[0]
         params = a1111_parameters(prompt, negative, steps, scheduler, guidance, s, (size, size), str(cfg["model"]),
                                   {"Run": Path(run_dir).name})
-        stem = unused_stem(out, f"{i:03d}-seed{s}", ("", "-post", "-attention"))  # never overwrite earlier images
+        stem = unused_stem(out, f"{i:03d}-seed{s}", ("{}.png", "{}-post.png", "{}-attention.png"))  # never overwrite earlier images
         paths.append(save_png(image, out / f"{stem}.png", params))
         if post:
             from ...postprocess import postprocess

@@ -31,6 +31,7 @@ from ...data import toyworld as world
 from ...errors import UserError
 from ...io import atomic_write, write_json
 from ...models import toyworld as tw
+from ..personalize import check_seed
 from ..state import load_state, save_state
 
 
@@ -289,8 +290,7 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
     """Run (or resume) the pretraining; returns a summary (also written to ``WORK/summary.json``)."""
     cfg = cfg or PretrainConfig()
     work, dest = Path(work), Path(dest) if dest else tw.ASSETS
-    if not -2**63 <= cfg.seed < 2**63:
-        raise UserError(f"--seed {cfg.seed} is out of range (|seed| < 2**63)")
+    check_seed(cfg.seed)
     try:  # both folders are checked before an hour of training, not when the results are saved
         for folder in (work, dest):
             folder.mkdir(parents=True, exist_ok=True)
