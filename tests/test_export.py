@@ -30,6 +30,7 @@ from magicstudio.methods.export import (
     save_embeddings,
     save_lora,
 )
+from magicstudio.methods.lora import add_lora
 from magicstudio.models import load_base
 from magicstudio.models.schedulers import make_scheduler
 from magicstudio.models.tiny import write_tiny
@@ -119,7 +120,7 @@ def trained(tmp_path_factory):
         te.get_input_embeddings().weight[ids] = vectors
 
     comps.unet.add_adapter(LoraConfig(r=UNET_R, lora_alpha=UNET_ALPHA, target_modules=UNET_TARGETS))
-    te.add_adapter(LoraConfig(r=TE_R, lora_alpha=TE_ALPHA, target_modules=TE_TARGETS))
+    add_lora(te, LoraConfig(r=TE_R, lora_alpha=TE_ALPHA, target_modules=TE_TARGETS))  # PEFT itself (compat.py)
     n_unet, n_te = randomize_lora_b(comps.unet, g), randomize_lora_b(te, g)
     assert n_unet == 40 and n_te == 8  # 10 attn2 blocks x 4 projections; 2 CLIP layers x 4 projections
 

@@ -44,10 +44,41 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
+    """Write a safetensors file atomically, with its header in a fixed order (``canonical_safetensors``)."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    data = canonical_safetensors(save(tensors, metadata=metadata))
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written in a fixed order: the same tensors and metadata give
+    the same bytes.
+
+    The format is an 8-byte little-endian header length, the JSON header (``__metadata__`` and one entry per tensor
+    with its dtype, shape and data offsets), padded with spaces to a multiple of 8, then the data. safetensors'
+    writer orders the ``__metadata__`` keys at random on every save; here they are sorted, and the tensor entries
+    follow in the order of their data. The data bytes are untouched.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered: dict[str, Any] = {}
+    if meta:
+        ordered["__metadata__"] = dict(sorted(meta.items()))
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def canonicalise_safetensors_file(path: str | os.PathLike) -> Path:
+    """Rewrite a safetensors file written by another library (e.g. diffusers' ``save_lora_weights``) with its header
+    in the fixed order of ``canonical_safetensors``, atomically."""
+    path = Path(path)
+    data = canonical_safetensors(path.read_bytes())
+    return atomic_write(path, lambda p: p.write_bytes(data))
 
 
 def read_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:

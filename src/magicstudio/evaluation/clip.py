@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
-from ..models.base import _offline
+from ..hub import local_only as _offline
 from ..models.dino import IMAGENET_MEAN, IMAGENET_STD, tiny_vit_config  # noqa: F401 - tiny_vit_config re-exported
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
+from ..compat import check_text_encoder_lora
 from ..errors import UserError
-from ..io import load_tensors, save_tensors
+from ..io import canonicalise_safetensors_file, load_tensors, save_tensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_DIR = "embeddings"
@@ -226,6 +227,7 @@ def _write_diffusers_lora(out_dir: Path, lora: LoraWeights) -> Path:
             weight_name=LORA_FILE,
             safe_serialization=True,
         )
+        canonicalise_safetensors_file(tmp / LORA_FILE)  # the same LoRA gives the same bytes
         target = out_dir / LORA_FILE
         os.replace(tmp / LORA_FILE, target)
     finally:
@@ -505,9 +507,11 @@ def load_run_into_pipeline(pipe, run_dir: str | os.PathLike, adapter_name: str |
     redo = f"re-export it (delete {run_dir / 'DONE'} and resume the training) or train the run again"
     if lora.is_file():
         try:
-            read_lora(lora)
+            weights = read_lora(lora)
         except UserError as exc:
             raise UserError(f"{exc}: the file is damaged; {redo}") from None
+        if "text_encoder" in weights.tensors:
+            check_text_encoder_lora(str(lora))
         with _diffusers_loading(lora):
             pipe.load_lora_weights(str(run_dir), weight_name=LORA_FILE, adapter_name=adapter_name)
     tokens = []

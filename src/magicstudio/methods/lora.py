@@ -34,6 +34,25 @@ def lora_config(targets: str, rank: int, alpha: float | None = None, dropout: fl
     )
 
 
+def add_lora(module, config: LoraConfig, adapter_name: str = "default") -> None:
+    """Add a fresh LoRA adapter to ``module`` (a diffusers UNet or a transformers text encoder) with PEFT itself.
+
+    ``peft.inject_adapter_in_model`` wraps the target layers; the config is recorded in ``module.peft_config`` as
+    diffusers' and transformers' ``add_adapter`` do, so PEFT's state-dict helpers and the exports read it. Not
+    transformers' ``add_adapter``: from transformers 5.24 it refuses PEFT < 0.22 (see ``compat.py``), while PEFT's
+    own injection is the same operation without that check.
+    """
+    from peft import inject_adapter_in_model
+
+    existing = dict(getattr(module, "peft_config", None) or {})
+    if adapter_name in existing:
+        raise UserError(f"the model already has a LoRA adapter named {adapter_name!r}")
+    inject_adapter_in_model(config, module, adapter_name)
+    module.peft_config = {**existing, adapter_name: config}
+    if hasattr(module, "_hf_peft_config_loaded"):  # transformers' flag that the model carries adapters
+        module._hf_peft_config_loaded = True
+
+
 def lora_parameters(module) -> list:
     return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
 

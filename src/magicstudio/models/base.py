@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..hub import local_only
 from ..io import read_pickle
 from .components import Components
 from .tiny import build_tiny
@@ -29,7 +30,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """Cache only: the hub is off (HF_HUB_OFFLINE) or unreachable (``hub.local_only``: seconds, not minutes)."""
+    return local_only()
 
 
 def _resolution(unet, vae) -> int:

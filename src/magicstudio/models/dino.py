@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import _offline
+from ..hub import local_only as _offline
 
 DEFAULT_DINO = "facebook/dino-vitb8"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..data.toyworld import HEAD_WINDOW
 from ..errors import UserError
+from ..io import save_tensors
 from .components import Components
 from .face_encoder import FaceEncoder
 from .tiny import SCHEDULER_CONFIG
@@ -108,8 +109,6 @@ def build_toyworld(seed: int = 0, scaling_factor: float = 1.0) -> Components:
 def save_toyworld(comps: Components, path: str | os.PathLike, used_token_ids: list[int], seed: int = 0) -> Path:
     """Write the trained LDM compactly: fp16, token-embedding rows ``used_token_ids`` only (the rest must still
     equal :func:`initial_token_embedding`, which is checked)."""
-    from safetensors.torch import save_file
-
     ids = torch.tensor(sorted(set(used_token_ids)), dtype=torch.long)
     table = comps.text_encoder.get_input_embeddings().weight.detach().float()
     init = initial_token_embedding(seed)
@@ -125,11 +124,8 @@ def save_toyworld(comps: Components, path: str | os.PathLike, used_token_ids: li
             state[prefix + k] = v.detach().to(torch.float16).contiguous()
     state["token_rows.ids"] = ids
     state["token_rows.values"] = table[ids].to(torch.float16).contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "magicstudio-toyworld-ldm", "seed": str(seed),
-                                          "scaling_factor": repr(float(comps.vae.config.scaling_factor))})
-    return path
+    return save_tensors(path, state, metadata={"format": "magicstudio-toyworld-ldm", "seed": str(seed),
+                                               "scaling_factor": repr(float(comps.vae.config.scaling_factor))})
 
 
 def toyworld_weights(name: str = LDM_FILE) -> Path:
@@ -299,15 +295,10 @@ def load_toy_encoders(path: str | os.PathLike | None = None) -> dict[str, Attrib
 
 
 def save_toy_encoders(nets: dict[str, AttributeNet], path: str | os.PathLike) -> Path:
-    from safetensors.torch import save_file
-
     state, meta = {}, {"format": "magicstudio-toyworld-encoders"}
     for kind, net in nets.items():
         meta[f"{kind}.classes"] = ",".join(map(str, net.classes))
         meta[f"{kind}.width"] = str(net.width)
         meta[f"{kind}.pool"] = net.pool
         state.update({f"{kind}.{k}": v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
-    return path
+    return save_tensors(path, state, metadata=meta)

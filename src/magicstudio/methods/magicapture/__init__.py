@@ -24,6 +24,12 @@ def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg
     from ..training import train
     from .train import MagiCapture
 
+    if cfg.text_lora:
+        from ...compat import text_encoder_lora_problem
+
+        problem = text_encoder_lora_problem()
+        if problem:  # training injects the LoRA with PEFT itself and works; loading the result in diffusers does not
+            log.warning("this run trains a text-encoder LoRA that diffusers cannot load with these versions: %s", problem)
     opened = open_run(source, reference, out, cfg, resume, progress)
     if opened is None:
         return RunDir(out)

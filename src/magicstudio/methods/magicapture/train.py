@@ -31,7 +31,7 @@ from ...models.face_align import align_faces, alignment_matrix
 from ...models.precision import conv_input, frozen_autocast, frozen_dtype, use_checkpointing
 from ...models.tokens import token_vectors
 from ..concepts import ConceptSet
-from ..lora import lora_config, lora_parameters
+from ..lora import add_lora, lora_config, lora_parameters
 from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
 from ..runs import RunDir
 from ..training import Phase, StepOutput
@@ -100,9 +100,9 @@ class MagiCapture:
         with torch.random.fork_rng(devices=[]):  # LoRA init must not depend on where a run was resumed
             torch.manual_seed(cfg.seed + 11)
             if not getattr(unet, "peft_config", None):
-                unet.add_adapter(lora_config(cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha))
+                add_lora(unet, lora_config(cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha))
             if cfg.text_lora and not getattr(te, "peft_config", None):
-                te.add_adapter(lora_config("text_attn", cfg.lora_rank, cfg.lora_alpha))
+                add_lora(te, lora_config("text_attn", cfg.lora_rank, cfg.lora_alpha))
         unet.to(self.device), te.to(self.device)
         params = lora_parameters(unet) + (lora_parameters(te) if cfg.text_lora else [])
         return [{"params": params, "lr": cfg.lora_lr}, {"params": [self.embedding.rows], "lr": cfg.emb_lr}]

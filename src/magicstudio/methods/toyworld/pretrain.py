@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ...data import toyworld as world
 from ...errors import UserError
-from ...io import atomic_write, write_json
+from ...io import save_tensors, write_json
 from ...models import toyworld as tw
 from ..personalize import check_seed
 from ..state import load_state, save_state
@@ -312,9 +312,7 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
             t0 = time.time()
             train_vae(comps.vae, cfg, work, progress)
             summary["vae_s"] = round(time.time() - t0)
-            from safetensors.torch import save_file
-
-            atomic_write(vae_file, lambda p: save_file({k: v.contiguous() for k, v in comps.vae.state_dict().items()}, str(p)))
+            save_tensors(vae_file, comps.vae.state_dict())
         scale = latent_scale(comps.vae, cfg.seed)
         comps.vae.register_to_config(scaling_factor=scale)
         summary["scaling_factor"] = scale
