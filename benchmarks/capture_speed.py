@@ -257,7 +257,7 @@ def make_method(model: str, size: int, preset: str, use_id: bool, use_composed: 
     import torch
 
     from magicstudio.attention.capture import CaptureProcessor
-    from magicstudio.methods.concepts import load_concept
+    from magicstudio.training.concepts import load_concept
     from magicstudio.methods.magicapture import train as T
     from magicstudio.methods.magicapture.config import make_config
     try:

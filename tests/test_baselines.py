@@ -12,12 +12,12 @@ import torch
 import yaml
 
 from magicstudio.errors import UserError
-from magicstudio.methods import bench
+from magicstudio.experiments import bench
 from magicstudio.methods.baselines import METHODS, custom_diffusion, dreambooth, textual_inversion
 from magicstudio.methods.baselines.common import class_image_folder, ensure_class_images, images_as_concept
-from magicstudio.methods.concepts import load_concept
-from magicstudio.methods.runs import RunDir
-from magicstudio.methods.training import train
+from magicstudio.training.concepts import load_concept
+from magicstudio.training.runs import RunDir
+from magicstudio.training.loop import train
 
 RES = 64
 FAST = dict(steps=3, resolution=RES, sample_steps=2, checkpoint_every=0)
@@ -88,8 +88,8 @@ def test_textual_inversion_changes_only_the_token_rows(tiny, demo_sets, tmp_path
 def test_custom_diffusion_changes_only_cross_attention_kv_and_reloads_exactly(tiny, demo_sets, tmp_path):
     import copy
 
-    from magicstudio.methods.export import load_run_into_pipeline
-    from magicstudio.methods.personalize import encode_prompt
+    from magicstudio.training.export import load_run_into_pipeline
+    from magicstudio.training.personalize import encode_prompt
 
     base = copy.deepcopy(tiny)
     unet0, te0 = _state(tiny.unet), _state(tiny.text_encoder)

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from magicstudio.errors import UserError
-from magicstudio.methods.concepts import load_concept
-from magicstudio.methods.lora import lora_module_names
+from magicstudio.training.concepts import load_concept
+from magicstudio.training.lora import lora_module_names
 from magicstudio.methods.magicapture import make_config, run_training
 from magicstudio.methods.magicapture.train import MagiCapture
-from magicstudio.methods.runs import RunDir
-from magicstudio.methods.training import TrainingDiverged, train
+from magicstudio.training.runs import RunDir
+from magicstudio.training.loop import TrainingDiverged, train
 
 FAST = dict(ti_steps=3, lora_steps=5, checkpoint_every=2, resolution=64, sample_steps=2, face_encoder="tiny")
 

@@ -36,7 +36,7 @@ def bench_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train, generate and evaluate each (pair, method) cell, then write report.md/.csv/.png into --out."""
-    from ..methods.bench import BenchSettings, load_pairs, parse_set, run_bench
+    from ..experiments.bench import BenchSettings, load_pairs, parse_set, run_bench
 
     overrides = parse_set(set_)
     if face_encoder:

@@ -57,7 +57,7 @@ def _toy_demo(out: Path, steps: int) -> None:
     from ..evaluation import evaluate_images
     from ..methods.magicapture import make_config, run_training
     from ..methods.magicapture.generate import generate
-    from ..methods.toyworld.table import TOY_SETTINGS, base_images
+    from ..experiments.toyworld.table import TOY_SETTINGS, base_images
 
     typer.echo(TOY_NOTE + "\n")
     person, style = tw.HELD_OUT_IDENTITIES[0], tw.HELD_OUT_STYLES[0]

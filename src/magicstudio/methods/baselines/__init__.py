@@ -2,7 +2,7 @@
 
 ``METHODS`` maps a method name to ``train(source_dir, reference_dir, out_run_dir, preset, seed, *, resume=False,
 progress=False, **overrides) -> run_dir``; every run folder it makes satisfies the run-folder contract
-(``methods/runs.py``), so ``magicapture.generate.generate`` samples all of them with the composed prompt.
+(``training/runs.py``), so ``magicapture.generate.generate`` samples all of them with the composed prompt.
 
 - ``magicapture``: the full method (paper preset: phase 1 TI, phase 2 LoRA + AR + composed prompt + identity).
 - ``magicapture-no-ar``: without Attention Refocusing.

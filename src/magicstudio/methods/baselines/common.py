@@ -5,7 +5,7 @@ Every baseline learns the identity ``<v1>`` from the source images ("a photo of 
 image per step (the paper's batch of two), with the plain (unmasked) denoising loss the original methods use.
 With prior preservation each instance image is paired with one class image made by the base model itself
 (``a photo of a person``) and the loss is ``L_instance + prior_weight * L_prior`` (DreamBooth's Eq. 2).
-They run in MagiCapture's training loop (``methods/training.py``), draw data with the same ``ConceptSampler``
+They run in MagiCapture's training loop (``training/loop.py``), draw data with the same ``ConceptSampler``
 and write the same run folder, so ``magicapture.generate.generate`` samples any of them with the composed prompt.
 
 A method module subclasses ``Baseline`` with ``phases()``, ``trainable_state()``, ``load_trainable_state()`` and
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ...io import write_json
-from ..concepts import ConceptSet
+from ...training.concepts import ConceptSet
 from ..magicapture import config as MC
-from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
-from ..runs import RunDir
-from ..training import StepOutput
+from ...training.personalize import ConceptSampler, add_concept_tokens, encode_prompt
+from ...training.runs import RunDir
+from ...training.loop import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def class_image_folder(cfg: BaselineConfig, root: Path) -> Path:
 def ensure_class_images(comps, cfg: BaselineConfig, folder: Path, progress: bool = False) -> list[Path]:
     """Make the missing ones of ``num_class_images`` class images in ``folder`` (image ``i`` from seed
     ``class_seed + i``, so a partial folder is completed with exactly the images it would have had)."""
-    from ..sampling import save_png
+    from ...training.sampling import save_png
 
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "class_images.json"
@@ -260,7 +260,7 @@ class Baseline(ABC):
     # -- samples and outputs
     @torch.no_grad()
     def sample(self, run: RunDir, step: int, n: int = 2) -> None:
-        from ..sampling import image_grid
+        from ...training.sampling import image_grid
 
         pipe = self.comps.pipeline()
         pipe.set_progress_bar_config(disable=True)
@@ -280,7 +280,7 @@ class Baseline(ABC):
     def save_tokens(self, run: RunDir) -> None:
         """``embeddings/<token>.safetensors`` (what ``load_textual_inversion`` reads)."""
         from ...models.tokens import token_vectors
-        from ..export import save_embeddings
+        from ...training.export import save_embeddings
 
         save_embeddings(run.path, self.cfg.tokens(), token_vectors(self.comps.text_encoder, self.token_ids))
 
@@ -291,7 +291,7 @@ class Baseline(ABC):
 
 
 def default_device() -> torch.device:
-    from ..personalize import process_device
+    from ...training.personalize import process_device
 
     return process_device()
 
@@ -299,8 +299,8 @@ def default_device() -> torch.device:
 def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: BaselineConfig, resume: bool = False,
                  progress: bool = True, device: str | None = None) -> RunDir:
     """Train ``method_cls`` into the run folder ``out`` (``resume`` continues an unfinished one)."""
-    from ..personalize import open_run
-    from ..training import train
+    from ...training.personalize import open_run
+    from ...training.loop import train
 
     opened = open_run(source, reference, out, cfg, resume, progress)
     if opened is None:

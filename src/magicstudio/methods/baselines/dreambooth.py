@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..runs import RunDir
-from ..training import Phase
+from ...training.runs import RunDir
+from ...training.loop import Phase
 from .common import Baseline, BaselineConfig, make_baseline_config, run_baseline
 
 NAME = "dreambooth"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runs import RunDir
-from ..training import Phase
+from ...training.runs import RunDir
+from ...training.loop import Phase
 from .common import Baseline, BaselineConfig, make_baseline_config, run_baseline
 
 NAME = "textual-inversion"
@@ -38,7 +38,7 @@ class TextualInversion(Baseline):
         return [{"params": [self.embedding.rows], "lr": self.cfg.lr}]
 
     def export(self, run: RunDir) -> None:
-        from ..export import export_a1111
+        from ...training.export import export_a1111
 
         self.save_tokens(run)
         export_a1111(run.path)

@@ -10,8 +10,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from ..personalize import prepared_dir  # noqa: F401  (re-exported: part of this module's API)
-from ..runs import RunDir
+from ...training.personalize import prepared_dir  # noqa: F401  (re-exported: part of this module's API)
+from ...training.runs import RunDir
 from .config import CaptureConfig, make_config
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg: CaptureConfig, resume: bool = False,
                  progress: bool = True) -> RunDir:
     from ...models.face_encoder import load_face_encoder
-    from ..personalize import open_run, process_device
-    from ..training import train
+    from ...training.personalize import open_run, process_device
+    from ...training.loop import train
     from .train import MagiCapture
 
     if cfg.text_lora:

@@ -12,9 +12,9 @@ import torch
 
 from ...errors import UserError
 from ...models.base import load_base
-from ..export import LORA_FILE, embedding_name, load_run_into_pipeline
-from ..runs import RunDir
-from ..sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, heatmap_overlay, image_grid, save_png,
+from ...training.export import LORA_FILE, embedding_name, load_run_into_pipeline
+from ...training.runs import RunDir
+from ...training.sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, heatmap_overlay, image_grid, save_png,
                         unused_stem)
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,11 @@ from ...data.masks import downsample_mask
 from ...models.face_align import align_faces, alignment_matrix
 from ...models.precision import conv_input, frozen_autocast, frozen_dtype, use_checkpointing
 from ...models.tokens import token_vectors
-from ..concepts import ConceptSet
-from ..lora import add_lora, lora_config, lora_parameters
-from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
-from ..runs import RunDir
-from ..training import Phase, StepOutput
+from ...training.concepts import ConceptSet
+from ...training.lora import add_lora, lora_config, lora_parameters
+from ...training.personalize import ConceptSampler, add_concept_tokens, encode_prompt
+from ...training.runs import RunDir
+from ...training.loop import Phase, StepOutput
 from . import config as C
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ class MagiCapture:
 
     @torch.no_grad()
     def sample(self, run: RunDir, step: int, n: int = 2) -> None:
-        from ..sampling import image_grid
+        from ...training.sampling import image_grid
 
         pipe = self.comps.pipeline()
         self.store.active = False
@@ -352,7 +352,7 @@ class MagiCapture:
         image_grid(images).save(run.samples / f"step-{step:06d}.png")
 
     def finalize(self, run: RunDir) -> None:
-        from ..export import export_a1111, save_embeddings, save_lora
+        from ...training.export import export_a1111, save_embeddings, save_lora
 
         self.sample(run, self.cfg.total_steps)
         vectors = token_vectors(self.comps.text_encoder, self.token_ids)

@@ -148,10 +148,10 @@ class BenchSettings:
 def _config_class(method: str) -> type:
     """The settings dataclass of ``method``."""
     if method.startswith("magicapture"):
-        from .magicapture.config import CaptureConfig
+        from ..methods.magicapture.config import CaptureConfig
 
         return CaptureConfig
-    from .baselines.common import BaselineConfig
+    from ..methods.baselines.common import BaselineConfig
 
     return BaselineConfig
 
@@ -171,7 +171,7 @@ def resolve_overrides(settings: BenchSettings, method: str) -> dict:
 
 
 def check_settings(settings: BenchSettings) -> None:
-    from .baselines import METHODS, PRESETS
+    from ..methods.baselines import METHODS, PRESETS
 
     if not settings.methods:
         raise UserError("no methods given")
@@ -298,8 +298,8 @@ def cell_dir(out: Path, pair: str, method: str) -> Path:
 
 
 def _composed_prompt(run_dir: Path) -> str:
-    from .magicapture.generate import default_prompt
-    from .runs import RunDir
+    from ..methods.magicapture.generate import default_prompt
+    from ..training.runs import RunDir
 
     return default_prompt(RunDir(run_dir).read_config())
 
@@ -337,7 +337,7 @@ def run_cell(spec: dict) -> dict:
     metrics, face_backend, eval_options, evaluator (None: ``magicstudio.evaluation.evaluate_images``),
     reevaluate, progress (training progress output). Returns the cell's ``result.json`` content.
     """
-    from .baselines import METHODS
+    from ..methods.baselines import METHODS
 
     cell = Path(spec["cell_dir"])
     cell.mkdir(parents=True, exist_ok=True)
@@ -366,7 +366,7 @@ def run_cell(spec: dict) -> dict:
         result["prompt"] = prompt
         expected = _expected_images(images, spec["images"], spec["seed"])
         if not all(p.is_file() for p in expected):
-            from .magicapture.generate import generate
+            from ..methods.magicapture.generate import generate
 
             shutil.rmtree(images, ignore_errors=True)  # the cell's own partial images: generate never overwrites
             generate(run_dir, images, prompt=prompt, num_images=spec["images"], seed=spec["seed"],
@@ -405,7 +405,7 @@ def run_cell(spec: dict) -> dict:
 
 def _training_face_encoder(run_dir: Path) -> str | None:
     try:
-        from .runs import RunDir
+        from ..training.runs import RunDir
 
         enc = RunDir(run_dir).read_config().get("face_encoder")
         return str(enc) if enc and enc != "tiny" else None
@@ -467,7 +467,7 @@ def _fingerprint(settings: BenchSettings, pair: Pair, method: str, overrides: di
 def _prepare_pair(pair: Pair, out: Path, progress: bool) -> tuple[Path, Path]:
     """The pair's folders as ``magicstudio prepare`` folders (prepared once under ``DIR/prepared/<pair>``)."""
     from ..data.prepare import is_prepared
-    from .magicapture import prepared_dir
+    from ..methods.magicapture import prepared_dir
 
     dirs = []
     for role, folder in (("source", pair.source), ("reference", pair.reference)):
