@@ -179,7 +179,7 @@ def data_dirs(args) -> tuple[Path, Path]:
     """Prepared source/reference folders: the user's (--source/--reference), else the demo sets, prepared once
     into the magicstudio cache (mediapipe runs only on the first call)."""
     from magicstudio.data.prepare import is_prepared
-    from magicstudio.methods.magicapture import prepared_dir
+    from magicstudio.training.personalize import prepared_dir
     from magicstudio.models.tokenizer import cache_dir
 
     root = cache_dir() / "bench-capture"

@@ -160,7 +160,7 @@ def test_generate_equals_plain_diffusers_and_writes_parameters(finished_run, tmp
     from diffusers import StableDiffusionPipeline
 
     from magicstudio.cli.main import main
-    from magicstudio.methods.magicapture.generate import generate
+    from magicstudio.training.generate import generate
     from magicstudio.models.schedulers import make_scheduler
     from magicstudio.models.tiny import write_tiny
 
@@ -186,7 +186,7 @@ def test_generate_equals_plain_diffusers_and_writes_parameters(finished_run, tmp
 
 
 def test_generate_with_postprocessing_keeps_the_raw_image(finished_run, tmp_path):
-    from magicstudio.methods.magicapture.generate import generate
+    from magicstudio.training.generate import generate
 
     paths = generate(finished_run, tmp_path / "gen", num_images=1, seed=1, steps=2, upscale=2, sr="lanczos")
     raw, post = Image.open(paths[0]), Image.open(tmp_path / "gen" / "000-seed1-post.png")

@@ -22,6 +22,7 @@ import torch
 
 from ...training.runs import RunDir
 from ...training.loop import Phase
+from ...training.registry import MethodSpec, register
 from .common import Baseline, BaselineConfig, make_baseline_config, run_baseline
 
 NAME = "custom-diffusion"
@@ -117,5 +118,8 @@ def train(source, reference, out, preset: str = "paper", seed: int = 0, *, resum
     cfg = make_config(preset, seed=seed, **overrides)
     return run_baseline(CustomDiffusion, source, reference, out, cfg, resume=resume, progress=progress).path
 
+
+register(MethodSpec(NAME, BaselineConfig, PRESETS, train, make_config, fixed=("method", "preset"),
+                    doc=(__doc__ or "").split("\n")[0]))
 
 __all__ = ["NAME", "PRESETS", "CustomDiffusion", "delta_as_lora", "kv_layers", "make_config", "train"]

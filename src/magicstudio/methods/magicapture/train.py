@@ -34,6 +34,7 @@ from ...training.concepts import ConceptSet
 from ...training.lora import add_lora, lora_config, lora_parameters
 from ...training.personalize import ConceptSampler, add_concept_tokens, encode_prompt
 from ...training.runs import RunDir
+from ...training import prompts as P
 from ...training.loop import Phase, StepOutput
 from . import config as C
 
@@ -119,9 +120,9 @@ class MagiCapture:
         cfg = self.cfg
         obj = cfg.mode == "object"
         templates = {
-            "source": C.OBJECT_SOURCE_TEMPLATES if obj else C.SOURCE_TEMPLATES,
-            "reference": C.OBJECT_REFERENCE_TEMPLATES if obj else C.REFERENCE_TEMPLATES,
-            "composed": C.OBJECT_COMPOSED_TEMPLATES if obj else C.COMPOSED_TEMPLATES,
+            "source": P.OBJECT_SOURCE_TEMPLATES if obj else P.SOURCE_TEMPLATES,
+            "reference": P.OBJECT_REFERENCE_TEMPLATES if obj else P.REFERENCE_TEMPLATES,
+            "composed": P.OBJECT_COMPOSED_TEMPLATES if obj else P.COMPOSED_TEMPLATES,
         }[task]
         k = int(torch.randint(len(templates), (1,), generator=self.generator))
         return templates[k].format(v1=cfg.v1, v2=cfg.v2, cls=cfg.object_class)
@@ -333,8 +334,7 @@ class MagiCapture:
                 set_peft_model_state_dict(module, sub)
 
     def composed_prompt(self) -> str:
-        t = C.OBJECT_COMPOSED_TEMPLATES[0] if self.cfg.mode == "object" else C.COMPOSED_TEMPLATES[0]
-        return t.format(v1=self.cfg.v1, v2=self.cfg.v2, cls=self.cfg.object_class)
+        return P.composed_prompt(self.cfg.v1, self.cfg.v2, self.cfg.mode, self.cfg.object_class)
 
     @torch.no_grad()
     def sample(self, run: RunDir, step: int, n: int = 2) -> None:
