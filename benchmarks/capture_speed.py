@@ -179,7 +179,7 @@ def data_dirs(args) -> tuple[Path, Path]:
     """Prepared source/reference folders: the user's (--source/--reference), else the demo sets, prepared once
     into the magicstudio cache (mediapipe runs only on the first call)."""
     from magicstudio.data.prepare import is_prepared
-    from magicstudio.methods.magicapture import prepared_dir
+    from magicstudio.training.personalize import prepared_dir
     from magicstudio.models.tokenizer import cache_dir
 
     root = cache_dir() / "bench-capture"
@@ -257,7 +257,7 @@ def make_method(model: str, size: int, preset: str, use_id: bool, use_composed: 
     import torch
 
     from magicstudio.attention.capture import CaptureProcessor
-    from magicstudio.methods.concepts import load_concept
+    from magicstudio.training.concepts import load_concept
     from magicstudio.methods.magicapture import train as T
     from magicstudio.methods.magicapture.config import make_config
     try:

@@ -12,12 +12,13 @@ import torch
 import yaml
 
 from magicstudio.errors import UserError
-from magicstudio.methods import bench
-from magicstudio.methods.baselines import METHODS, custom_diffusion, dreambooth, textual_inversion
+from magicstudio.experiments import bench
+from magicstudio.methods import METHODS
+from magicstudio.methods.baselines import custom_diffusion, dreambooth, textual_inversion
 from magicstudio.methods.baselines.common import class_image_folder, ensure_class_images, images_as_concept
-from magicstudio.methods.concepts import load_concept
-from magicstudio.methods.runs import RunDir
-from magicstudio.methods.training import train
+from magicstudio.training.concepts import load_concept
+from magicstudio.training.runs import RunDir
+from magicstudio.training.loop import train
 
 RES = 64
 FAST = dict(steps=3, resolution=RES, sample_steps=2, checkpoint_every=0)
@@ -88,8 +89,8 @@ def test_textual_inversion_changes_only_the_token_rows(tiny, demo_sets, tmp_path
 def test_custom_diffusion_changes_only_cross_attention_kv_and_reloads_exactly(tiny, demo_sets, tmp_path):
     import copy
 
-    from magicstudio.methods.export import load_run_into_pipeline
-    from magicstudio.methods.personalize import encode_prompt
+    from magicstudio.training.export import load_run_into_pipeline
+    from magicstudio.training.personalize import encode_prompt
 
     base = copy.deepcopy(tiny)
     unet0, te0 = _state(tiny.unet), _state(tiny.text_encoder)
@@ -128,7 +129,7 @@ def api_runs(demo_sets, tmp_path_factory):
     try:
         runs = {}
         for name, extra in (("textual-inversion", {}), ("custom-diffusion", PRIOR), ("dreambooth", PRIOR)):
-            runs[name] = METHODS[name](demo_sets[0], demo_sets[1], root / name, "smoke", 0, **FAST, **extra)
+            runs[name] = METHODS[name].train(demo_sets[0], demo_sets[1], root / name, "smoke", 0, **FAST, **extra)
     finally:
         torch.set_num_threads(n)
     return runs
@@ -138,7 +139,7 @@ def api_runs(demo_sets, tmp_path_factory):
 def test_run_folder_loads_through_generate(api_runs, name, tmp_path):
     from PIL import Image
 
-    from magicstudio.methods.magicapture.generate import generate
+    from magicstudio.training.generate import generate
 
     run = RunDir(api_runs[name])
     cfg = run.read_config()
@@ -178,7 +179,7 @@ def test_dreambooth_finetunes_unet_and_text_encoder_with_prior_preservation(api_
 
 
 def test_dreambooth_run_refuses_another_base_model(api_runs):
-    from magicstudio.methods.magicapture.generate import load_run_pipeline
+    from magicstudio.training.generate import load_run_pipeline
 
     with pytest.raises(UserError, match="full fine-tune"):
         load_run_pipeline(api_runs["dreambooth"], model="tiny")
@@ -225,7 +226,7 @@ def test_smoke_sweep_table_resume_and_a_failing_cell(demo_sets, tmp_path, monkey
         raise RuntimeError("deliberate failure")
 
     # 1. custom-diffusion fails; textual inversion still completes and the report is written
-    monkeypatch.setitem(METHODS, "custom-diffusion", boom)
+    monkeypatch.setattr(METHODS["custom-diffusion"], "train", boom)
     res = bench.run_bench(pairs, _settings(methods), out, evaluator=fake_evaluate, progress=False)
     ti, cd = bench.cell_dir(out, "demo", "textual-inversion"), bench.cell_dir(out, "demo", "custom-diffusion")
     assert (ti / "DONE").is_file() and len(list((ti / "images").glob("*.png"))) == 2
@@ -237,8 +238,8 @@ def test_smoke_sweep_table_resume_and_a_failing_cell(demo_sets, tmp_path, monkey
     assert "| textual-inversion |" in md and "custom-diffusion: failed" in md
 
     # 2. the same sweep again: the finished cell is skipped, the failed one is retried and completes
-    monkeypatch.setitem(METHODS, "custom-diffusion", custom_diffusion.train)
-    monkeypatch.setitem(METHODS, "textual-inversion", boom)
+    monkeypatch.setattr(METHODS["custom-diffusion"], "train", custom_diffusion.train)
+    monkeypatch.setattr(METHODS["textual-inversion"], "train", boom)
     images = {p.name: p.stat().st_mtime_ns for p in (ti / "images").glob("*.png")}
     res = bench.run_bench(pairs, _settings(methods), out, evaluator=fake_evaluate, progress=False)
     assert not res.failed and (cd / "DONE").is_file() and not (cd / "error.txt").exists()
@@ -287,7 +288,7 @@ def test_a_missing_evaluation_module_is_recorded_and_a_rerun_only_evaluates(api_
     def no_generate(*a, **k):
         raise AssertionError("images were generated again")
 
-    monkeypatch.setattr("magicstudio.methods.magicapture.generate.generate", no_generate)
+    monkeypatch.setattr("magicstudio.training.generate.generate", no_generate)
     res = bench.run_bench(pairs, _settings(["textual-inversion"]), out, evaluator=fake_evaluate, progress=False)
     assert not res.failed and (cell / "DONE").is_file()
 
@@ -373,7 +374,7 @@ def test_parse_set():
 def test_magicapture_ablations_are_harness_methods(demo_sets, tmp_path, monkeypatch):
     import magicstudio.methods.magicapture as mc
 
-    run = RunDir(METHODS["magicapture-no-ar-cp"](demo_sets[0], demo_sets[1], tmp_path / "run", "smoke", 3, ti_steps=1,
+    run = RunDir(METHODS["magicapture-no-ar-cp"].train(demo_sets[0], demo_sets[1], tmp_path / "run", "smoke", 3, ti_steps=1,
                                                  lora_steps=3, resolution=RES, sample_steps=2, checkpoint_every=0))
     cfg = run.read_config()
     assert run.is_done() and cfg["use_ar"] is False and cfg["use_composed"] is False and cfg["seed"] == 3
@@ -383,7 +384,7 @@ def test_magicapture_ablations_are_harness_methods(demo_sets, tmp_path, monkeypa
     seen = {}
     monkeypatch.setattr(mc, "run_training", lambda s, r, out, cfg, **kw: seen.setdefault(out.name, cfg) and RunDir(out))
     for name, ar, cp in (("magicapture", True, True), ("magicapture-no-ar", False, True), ("magicapture-no-cp", True, False)):
-        METHODS[name]("s", "r", tmp_path / name, "paper", 0, use_ar=True)  # the ablation's switch wins
+        METHODS[name].train("s", "r", tmp_path / name, "paper", 0, use_ar=True)  # the ablation's switch wins
         assert (seen[name].use_ar, seen[name].use_composed, seen[name].preset) == (ar, cp, "paper")
 
 

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from magicstudio.errors import UserError
-from magicstudio.methods.concepts import load_concept
-from magicstudio.methods.lora import lora_module_names
+from magicstudio.training.concepts import load_concept
+from magicstudio.training.lora import lora_module_names
 from magicstudio.methods.magicapture import make_config, run_training
 from magicstudio.methods.magicapture.train import MagiCapture
-from magicstudio.methods.runs import RunDir
-from magicstudio.methods.training import TrainingDiverged, train
+from magicstudio.training.runs import RunDir
+from magicstudio.training.loop import TrainingDiverged, train
 
 FAST = dict(ti_steps=3, lora_steps=5, checkpoint_every=2, resolution=64, sample_steps=2, face_encoder="tiny")
 
@@ -160,7 +160,7 @@ def test_generate_equals_plain_diffusers_and_writes_parameters(finished_run, tmp
     from diffusers import StableDiffusionPipeline
 
     from magicstudio.cli.main import main
-    from magicstudio.methods.magicapture.generate import generate
+    from magicstudio.training.generate import generate
     from magicstudio.models.schedulers import make_scheduler
     from magicstudio.models.tiny import write_tiny
 
@@ -186,7 +186,7 @@ def test_generate_equals_plain_diffusers_and_writes_parameters(finished_run, tmp
 
 
 def test_generate_with_postprocessing_keeps_the_raw_image(finished_run, tmp_path):
-    from magicstudio.methods.magicapture.generate import generate
+    from magicstudio.training.generate import generate
 
     paths = generate(finished_run, tmp_path / "gen", num_images=1, seed=1, steps=2, upscale=2, sr="lanczos")
     raw, post = Image.open(paths[0]), Image.open(tmp_path / "gen" / "000-seed1-post.png")

@@ -22,7 +22,7 @@ from magicstudio.evaluation import clean_prompt, evaluate_images, load_prompts, 
 from magicstudio.evaluation.aesthetic import load_aesthetic_head
 from magicstudio.evaluation.clip import CLIP_MEAN, CLIP_STD, Preprocess, load_clip, load_dino
 from magicstudio.io import save_tensors
-from magicstudio.methods.sampling import save_png
+from magicstudio.training.sampling import save_png
 
 
 @pytest.fixture(scope="module")

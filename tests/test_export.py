@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from magicstudio.errors import UserError
-from magicstudio.methods.export import (
+from magicstudio.training.export import (
     A1111_DIR,
     EMBEDDINGS_DIR,
     LORA_FILE,
@@ -30,7 +30,7 @@ from magicstudio.methods.export import (
     save_embeddings,
     save_lora,
 )
-from magicstudio.methods.lora import add_lora
+from magicstudio.training.lora import add_lora
 from magicstudio.models import load_base
 from magicstudio.models.schedulers import make_scheduler
 from magicstudio.models.tiny import write_tiny

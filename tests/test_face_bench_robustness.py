@@ -104,7 +104,7 @@ def pairs_file(tmp_path):
 
 @pytest.fixture
 def no_training(monkeypatch):
-    import magicstudio.methods.bench as bench
+    import magicstudio.experiments.bench as bench
 
     def boom(*a, **k):
         raise AssertionError("training / preparation started before the checks")
@@ -135,7 +135,7 @@ def test_bench_settings_checked_up_front(pairs_file, tmp_path, capsys, no_traini
 
 
 def test_bench_good_settings_pass_check():
-    from magicstudio.methods.bench import BenchSettings, check_settings, parse_set
+    from magicstudio.experiments.bench import BenchSettings, check_settings, parse_set
 
     check_settings(BenchSettings(methods=["textual-inversion", "magicapture"], preset="smoke",
                                  overrides=parse_set(["textual-inversion.steps=10", "lr=1e-4", "textual-inversion.grad_clip=null",

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from magicstudio.cli.main import main
 from magicstudio.errors import UserError
 from magicstudio.methods.magicapture import make_config, run_training
-from magicstudio.methods.magicapture.generate import generate
+from magicstudio.training.generate import generate
 
 FAST = dict(ti_steps=2, lora_steps=2, checkpoint_every=2, resolution=64, sample_steps=2, face_encoder="tiny")
 LORA = "pytorch_lora_weights.safetensors"

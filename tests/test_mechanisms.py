@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magicstudio.methods.concepts import load_concept
+from magicstudio.training.concepts import load_concept
 from magicstudio.methods.magicapture import make_config, run_training
 from magicstudio.methods.magicapture.train import MagiCapture
-from magicstudio.methods.runs import RunDir
+from magicstudio.training.runs import RunDir
 from magicstudio.models.face_encoder import load_face_encoder
 
 

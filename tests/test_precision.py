@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from magicstudio.errors import UserError
-from magicstudio.methods.concepts import load_concept
+from magicstudio.training.concepts import load_concept
 from magicstudio.methods.magicapture import make_config
 from magicstudio.methods.magicapture.train import MagiCapture
 from magicstudio.models import precision as P

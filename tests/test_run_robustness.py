@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from magicstudio.cli.main import main
-from magicstudio.methods.runs import RunDir
+from magicstudio.training.runs import RunDir
 
 TRAIN = ["--model", "tiny", "--preset", "smoke", "--ti-steps", "2", "--lora-steps", "2", "--quiet"]
 
@@ -139,7 +139,7 @@ def test_a_damaged_prepared_folder_is_reported_not_re_prepared(demo_sets, tmp_pa
 
 def test_skipped_photos_are_named(tmp_path, caplog):
     from magicstudio.data.samples import make_demo_sets
-    from magicstudio.methods.personalize import prepared_dir
+    from magicstudio.training.personalize import prepared_dir
 
     src, _ = make_demo_sets(tmp_path / "photos")
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

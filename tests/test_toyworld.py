@@ -191,7 +191,7 @@ def test_toy_face_encoder_is_a_face_encoder_with_gradients():
 
 
 def test_pretrain_runs_and_resumes(tmp_path):
-    from magicstudio.methods.toyworld.pretrain import PretrainConfig, pretrain
+    from magicstudio.experiments.toyworld.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(vae_steps=4, ldm_steps=4, data_size=64, encoder_steps=2, identity_encoder_steps=2, checkpoint_every=2,
                          vae_batch=4, ldm_batch=4, encoder_batch=8)
@@ -205,7 +205,7 @@ def test_pretrain_runs_and_resumes(tmp_path):
     assert "step" in json.dumps(state)
     cfg.ldm_steps = 6
     pretrain(tmp_path / "work", tmp_path / "dest", cfg, progress=False, stages=("ldm",))
-    from magicstudio.methods.state import load_state
+    from magicstudio.training.state import load_state
 
     assert load_state(tmp_path / "work" / "ldm-ckpt")["step"] == 6
 
@@ -213,7 +213,7 @@ def test_pretrain_runs_and_resumes(tmp_path):
 @needs_shipped
 def test_table_quick_path(tmp_path):
     """One pair, a few training steps, two images: every method goes through the harness and the table is written."""
-    from magicstudio.methods.toyworld.table import run_table
+    from magicstudio.experiments.toyworld.table import run_table
 
     summary = run_table(tmp_path / "t", n_pairs=1, images=1, steps=2, quick=True, progress=False)
     assert not summary["failed"], summary["failed"]
@@ -239,8 +239,8 @@ def test_demo_runs_in_the_toy_world(tmp_path, capsys):
 
 
 def test_table_settings_from_the_command_line():
-    from magicstudio.methods.bench import parse_set
-    from magicstudio.methods.toyworld.table import TOY_SETTINGS, table_overrides
+    from magicstudio.experiments.bench import parse_set
+    from magicstudio.experiments.toyworld.table import TOY_SETTINGS, table_overrides
 
     methods = ("magicapture", "magicapture-no-ar", "textual-inversion")
     extra = parse_set(["magicapture.lora_lr=5e-4", "checkpoint_every=7", "textual-inversion.lr=1e-3"])

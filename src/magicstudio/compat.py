@@ -2,7 +2,7 @@
 
 transformers 5.24 refuses PEFT < 0.22 in its own adapter methods (``add_adapter``, ``load_adapter``,
 ``set_adapter``): diffusers' ``load_lora_weights`` goes through them for a text-encoder LoRA. magicstudio's training
-injects LoRA with PEFT itself (``methods.lora.add_lora``), which has no such check; loading a run whose LoRA has a
+injects LoRA with PEFT itself (``training.lora.add_lora``), which has no such check; loading a run whose LoRA has a
 text-encoder part into a diffusers pipeline does not, hence ``check_text_encoder_lora``.
 """
 

@@ -16,8 +16,9 @@ def bench_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Sweep folder (re-run the same command to resume it)."),
     methods: str = typer.Option(",".join(("magicapture", "magicapture-no-ar-cp", "dreambooth", "textual-inversion",
                                           "custom-diffusion")), "--methods",
-                                help="Comma-separated: magicapture, magicapture-no-ar, magicapture-no-cp, "
-                                     "magicapture-no-ar-cp, dreambooth, textual-inversion, custom-diffusion."),
+                                help="Comma-separated registered methods: magicapture, magicapture-no-ar, "
+                                     "magicapture-no-cp, magicapture-no-ar-cp, dreambooth, textual-inversion, "
+                                     "custom-diffusion."),
     images_per_pair: int = typer.Option(100, "--images-per-pair", "-n", help="Images generated per pair and method."),
     preset: str = typer.Option("paper", "--preset", help="paper | smoke (tiny model, few steps)."),
     backend: str = typer.Option("local", "--backend", help="local (cells one by one) | ray (cells as Ray tasks)."),
@@ -36,12 +37,14 @@ def bench_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train, generate and evaluate each (pair, method) cell, then write report.md/.csv/.png into --out."""
-    from ..methods.bench import BenchSettings, load_pairs, parse_set, run_bench
+    from ..experiments.bench import BenchSettings, load_pairs, method_settings, parse_set, run_bench
+    from ..methods import METHODS
 
     overrides = parse_set(set_)
-    if face_encoder:
-        for m in [x.strip() for x in methods.split(",") if x.strip().startswith("magicapture")]:
-            overrides.setdefault(m, {}).setdefault("face_encoder", face_encoder)
+    if face_encoder:  # the methods that train with a face encoder (MagiCapture and its ablations)
+        for m in [x.strip() for x in methods.split(",") if x.strip() in METHODS]:
+            if "face_encoder" in method_settings(m):
+                overrides.setdefault(m, {}).setdefault("face_encoder", face_encoder)
     settings = BenchSettings(
         methods=[m.strip() for m in methods.split(",") if m.strip()], images_per_pair=images_per_pair, preset=preset,
         seed=seed, steps=steps, guidance=guidance, metrics=[m.strip() for m in metrics.split(",") if m.strip()],

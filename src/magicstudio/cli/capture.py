@@ -81,7 +81,7 @@ def generate_cmd(
     fidelity: float = typer.Option(0.5, "--fidelity", help="CodeFormer fidelity w (0: quality, 1: fidelity)."),
 ) -> None:
     """Generate portraits from a trained run (PNG files carry their parameters, A1111-style)."""
-    from ..methods.magicapture.generate import generate
+    from ..training.generate import generate
 
     if upscale not in (0, 1, 2, 3, 4):
         from ..errors import UserError

@@ -56,8 +56,8 @@ def _toy_demo(out: Path, steps: int) -> None:
     from ..data import toyworld as tw
     from ..evaluation import evaluate_images
     from ..methods.magicapture import make_config, run_training
-    from ..methods.magicapture.generate import generate
-    from ..methods.toyworld.table import TOY_SETTINGS, base_images
+    from ..training.generate import generate
+    from ..experiments.toyworld.table import TOY_SETTINGS, base_images
 
     typer.echo(TOY_NOTE + "\n")
     person, style = tw.HELD_OUT_IDENTITIES[0], tw.HELD_OUT_STYLES[0]
@@ -112,7 +112,7 @@ def _photos_demo(out: Path, steps: int) -> None:
     from ..data.prepare import prepare_folder
     from ..data.samples import make_demo_sets
     from ..methods.magicapture import make_config, run_training
-    from ..methods.magicapture.generate import generate
+    from ..training.generate import generate
 
     typer.echo(TINY_NOTE + "\n")
     typer.echo("1/5 making sample photo sets from the bundled public-domain portraits ...")

@@ -16,7 +16,7 @@ def tiny_model(
 ) -> None:
     """Write the tiny random-weight SD 1.5-architecture model; every --model option accepts the folder."""
     from ..io import claim_folder
-    from ..methods.personalize import check_seed
+    from ..training.personalize import check_seed
     from ..models.tiny import write_tiny
 
     check_seed(seed)

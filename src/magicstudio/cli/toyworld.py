@@ -1,5 +1,5 @@
 """``magicstudio toyworld pretrain | table | samples``: the toy world where identity and style are known by
-construction (``magicstudio.data.toyworld``, ``magicstudio.models.toyworld``, ``magicstudio.methods.toyworld``)."""
+construction (``magicstudio.data.toyworld``, ``magicstudio.models.toyworld``, ``magicstudio.experiments.toyworld``)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def pretrain(
     """Train the toy LDM (VAE, then UNet + text encoder) and the toy identity/face/style encoders from scratch
     (about an hour on 2 CPU cores). Re-running resumes."""
     from ..errors import UserError
-    from ..methods.toyworld.pretrain import PretrainConfig, pretrain as run
+    from ..experiments.toyworld.pretrain import PretrainConfig, pretrain as run
 
     stages = tuple(stage or ("vae", "ldm", "encoders"))
     bad = [s for s in stages if s not in ("vae", "ldm", "encoders")]
@@ -68,8 +68,8 @@ def table(
     """Personalise held-out toy people and styles with every method through the benchmark harness and write
     table.md (toy-CSIM, toy-Style, attention spill, with spreads) and image grids."""
     from ..errors import UserError
-    from ..methods.bench import parse_set
-    from ..methods.toyworld.table import run_table
+    from ..experiments.bench import parse_set
+    from ..experiments.toyworld.table import run_table
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     if not names:

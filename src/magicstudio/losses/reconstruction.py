@@ -14,8 +14,13 @@ import torch.nn.functional as F
 MASK_MODES = ("paper", "official")
 
 
-def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: mean squared error between the model output and its target (noise, or v)."""
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """Eq. 1: mean squared error between the model output and its target (noise, or v).
+
+    ``per_sample``: one value per batch element (the mean over its other dimensions), shape (B,), for callers
+    that weigh parts of a batch differently (DreamBooth's instance and prior terms)."""
+    if per_sample:
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
     return F.mse_loss(pred.float(), target.float())
 
 

@@ -7,7 +7,7 @@ real CLIP BPE tokenizer) for 64x64 pictures. It is trained from scratch on the t
 loads it. Only the token-embedding rows the world's captions use are stored: every other row is the fixed
 initial value (a numpy-seeded normal, the same on every machine), which training never changes.
 
-The encoders are small CNNs trained on the world's labels (``methods/toyworld/pretrain.py``):
+The encoders are small CNNs trained on the world's labels (``experiments/toyworld/pretrain.py``):
 
 - ``identity``: the fixed head window of a picture -> the six identity attributes (CSIM of the toy world);
 - ``face``: a face aligned to ArcFace's 112x112 template -> the same attributes, as a :class:`FaceEncoder` for

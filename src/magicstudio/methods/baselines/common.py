@@ -5,8 +5,8 @@ Every baseline learns the identity ``<v1>`` from the source images ("a photo of 
 image per step (the paper's batch of two), with the plain (unmasked) denoising loss the original methods use.
 With prior preservation each instance image is paired with one class image made by the base model itself
 (``a photo of a person``) and the loss is ``L_instance + prior_weight * L_prior`` (DreamBooth's Eq. 2).
-They run in MagiCapture's training loop (``methods/training.py``), draw data with the same ``ConceptSampler``
-and write the same run folder, so ``magicapture.generate.generate`` samples any of them with the composed prompt.
+They run in MagiCapture's training loop (``training/loop.py``), draw data with the same ``ConceptSampler``
+and write the same run folder, so ``training.generate.generate`` samples any of them with the composed prompt.
 
 A method module subclasses ``Baseline`` with ``phases()``, ``trainable_state()``, ``load_trainable_state()`` and
 ``export(run)`` (the weights it leaves in the run folder), and gives its ``paper`` / ``smoke`` presets.
@@ -19,56 +19,36 @@ from abc import ABC, abstractmethod
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...errors import UserError
 from ...io import write_json
-from ..concepts import ConceptSet
-from ..magicapture import config as MC
-from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
-from ..runs import RunDir
-from ..training import StepOutput
+from ...losses import denoising_loss
+from ...training import prompts as P
+from ...training.concepts import ConceptSet
+from ...training.config import TrainConfig, build_config
+from ...training.personalize import ConceptSampler, add_concept_tokens, encode_prompt
+from ...training.runs import RunDir
+from ...training.loop import StepOutput
 
 log = logging.getLogger(__name__)
 
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-
 @dataclass
-class BaselineConfig:
+class BaselineConfig(TrainConfig):
+    """The shared settings (``training.config.TrainConfig``) and what the three baselines add."""
+
     method: str = ""
-    preset: str = "paper"
-    model: str = SD15
-    resolution: int | None = None  # None: the base model's native size
-    seed: int = 0
-    mode: str = "portrait"  # the run-folder contract (generate's default prompt) reads it
-    # tokens: <v1> identity (source images), <v2> style (reference images)
-    v1: str = "<v1>"
-    v2: str = "<v2>"
-    v1_init: str = "person"
-    v2_init: str = "style"
-    # prompts: "fixed" = the first MagiCapture template of each kind, "varied" = a random one per example
+    # prompts: "fixed" = the first template of each kind (``training.prompts``), "varied" = a random one per example
     templates: str = "fixed"
     # optimisation
     steps: int = 1000
     lr: float = 1e-5
     per_concept: int = 1  # images of each concept per step: batch = 2 * per_concept (+ as many class images)
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    lr_schedule: str = "constant"
     t_max: int = 1000
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    cache_latents: bool = False
-    deterministic: bool = True
-    hflip: bool = True
-    color_jitter: float = 0.0
     # prior preservation (DreamBooth Eq. 2): class images from the base model itself
     prior: bool = False
     prior_weight: float = 1.0
@@ -84,12 +64,6 @@ class BaselineConfig:
     # bookkeeping
     checkpoint_every: int = 250
     keep_checkpoints: int = 1
-    sample_every: int = 0
-    sample_steps: int = 25
-    log_every: int = 1
-
-    def tokens(self) -> list[str]:
-        return [self.v1, self.v2]
 
     @property
     def total_steps(self) -> int:
@@ -98,14 +72,7 @@ class BaselineConfig:
 
 def make_baseline_config(method: str, presets: dict[str, dict], preset: str = "paper", **overrides) -> BaselineConfig:
     """``presets[preset]`` over the defaults, then ``overrides`` (None values ignored); validated."""
-    if preset not in presets:
-        raise UserError(f"unknown preset {preset!r} for {method}; choose one of {', '.join(presets)}")
-    known = {f.name for f in fields(BaselineConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise UserError(f"unknown {method} setting(s): {', '.join(sorted(unknown))}")
-    cfg = replace(BaselineConfig(), method=method, preset=preset, **presets[preset])
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = build_config(BaselineConfig, presets, preset, overrides, f"{method} setting", fixed={"method": method})
     if cfg.steps < 1 or cfg.per_concept < 1 or cfg.grad_accum < 1:
         raise UserError("steps, per_concept and grad_accum must be at least 1")
     if cfg.templates not in ("fixed", "varied"):
@@ -138,7 +105,7 @@ def class_image_folder(cfg: BaselineConfig, root: Path) -> Path:
 def ensure_class_images(comps, cfg: BaselineConfig, folder: Path, progress: bool = False) -> list[Path]:
     """Make the missing ones of ``num_class_images`` class images in ``folder`` (image ``i`` from seed
     ``class_seed + i``, so a partial folder is completed with exactly the images it would have had)."""
-    from ..sampling import save_png
+    from ...training.sampling import save_png
 
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "class_images.json"
@@ -211,12 +178,12 @@ class Baseline(ABC):
         cfg = self.cfg
         if concept == "class":
             return cfg.class_prompt
-        templates = MC.SOURCE_TEMPLATES if concept == "source" else MC.REFERENCE_TEMPLATES
+        templates = P.SOURCE_TEMPLATES if concept == "source" else P.REFERENCE_TEMPLATES
         k = 0 if cfg.templates == "fixed" else int(torch.randint(len(templates), (1,), generator=self.generator))
         return templates[k].format(v1=cfg.v1, v2=cfg.v2)
 
     def composed_prompt(self) -> str:
-        return MC.COMPOSED_TEMPLATES[0].format(v1=self.cfg.v1, v2=self.cfg.v2)
+        return P.composed_prompt(self.cfg.v1, self.cfg.v2)
 
     # -- one micro-step: one source + one reference image (+ one class image each), one UNet pass
     def micro_step(self, phase: str, step: int) -> StepOutput:
@@ -237,7 +204,7 @@ class Baseline(ABC):
         emb, _ = encode_prompt(self.comps, prompts, self.token_ids, self.device)
         pred = self.comps.unet(z_t, t, emb).sample
         target = noise if self.comps.prediction_type == "epsilon" else self.comps.scheduler.get_velocity(z0, noise, t.cpu())
-        err = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        err = denoising_loss(pred, target, per_sample=True)  # Eq. 1 per example
         loss = err[:n_inst].mean()
         terms = {"loss_instance": loss.item(), "loss_source": err[:cfg.per_concept].mean().item(),
                  "loss_reference": err[cfg.per_concept:n_inst].mean().item()}
@@ -260,7 +227,7 @@ class Baseline(ABC):
     # -- samples and outputs
     @torch.no_grad()
     def sample(self, run: RunDir, step: int, n: int = 2) -> None:
-        from ..sampling import image_grid
+        from ...training.sampling import image_grid
 
         pipe = self.comps.pipeline()
         pipe.set_progress_bar_config(disable=True)
@@ -280,7 +247,7 @@ class Baseline(ABC):
     def save_tokens(self, run: RunDir) -> None:
         """``embeddings/<token>.safetensors`` (what ``load_textual_inversion`` reads)."""
         from ...models.tokens import token_vectors
-        from ..export import save_embeddings
+        from ...training.export import save_embeddings
 
         save_embeddings(run.path, self.cfg.tokens(), token_vectors(self.comps.text_encoder, self.token_ids))
 
@@ -290,34 +257,18 @@ class Baseline(ABC):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def default_device() -> torch.device:
-    from ..personalize import process_device
-
-    return process_device()
-
-
 def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: BaselineConfig, resume: bool = False,
                  progress: bool = True, device: str | None = None) -> RunDir:
     """Train ``method_cls`` into the run folder ``out`` (``resume`` continues an unfinished one)."""
-    from ..personalize import open_run
-    from ..training import train
+    from ...training.job import run_method
 
-    opened = open_run(source, reference, out, cfg, resume, progress)
-    if opened is None:
-        return RunDir(out)
-    run, cfg, comps, source_set, reference_set = opened
-    device = device or default_device()
-    comps.to(device)
-    class_set = None
-    if cfg.prior:
-        root = Path(cfg.class_dir) if cfg.class_dir else run.path / "class_images"
-        class_set = images_as_concept(ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress),
-                                      cfg.resolution)
-    run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()}
-                     | method_cls.run_config)
-    method = method_cls(cfg, comps, source_set, reference_set, class_set, device)
-    train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
-          keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
-          mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
-          deterministic=cfg.deterministic)
-    return run
+    def setup(run, cfg, comps, source_set, reference_set, device):
+        comps.to(device)
+        class_set = None
+        if cfg.prior:
+            root = Path(cfg.class_dir) if cfg.class_dir else run.path / "class_images"
+            class_set = images_as_concept(ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress),
+                                          cfg.resolution)
+        return lambda: method_cls(cfg, comps, source_set, reference_set, class_set, device), method_cls.run_config
+
+    return run_method(source, reference, out, cfg, setup, resume=resume, progress=progress, device=device)

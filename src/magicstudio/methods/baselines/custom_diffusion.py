@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..runs import RunDir
-from ..training import Phase
+from ...training.runs import RunDir
+from ...training.loop import Phase
+from ...training.registry import MethodSpec, register
 from .common import Baseline, BaselineConfig, make_baseline_config, run_baseline
 
 NAME = "custom-diffusion"
@@ -48,7 +49,7 @@ def kv_layers(unet) -> dict[str, torch.nn.Linear]:
 def delta_as_lora(layers: dict[str, torch.nn.Linear], initial: dict[str, torch.Tensor], rank: int | None = None):
     """The updates ``W - W0`` of ``layers`` as a diffusers-style LoRA (``LoraWeights``), via SVD: exact at full
     rank (``rank=None``), the best rank-``rank`` approximation otherwise."""
-    from ..export import LoraWeights
+    from ...training.export import LoraWeights
 
     tensors, ranks = {}, {}
     for name, layer in layers.items():
@@ -100,7 +101,7 @@ class CustomDiffusion(Baseline):
                 layer.weight.copy_(state[f"kv.{n}"])
 
     def export(self, run: RunDir) -> None:
-        from ..export import _write_diffusers_lora, export_a1111
+        from ...training.export import _write_diffusers_lora, export_a1111
 
         self.save_tokens(run)
         _write_diffusers_lora(run.path, delta_as_lora(self.kv, self.kv_initial, self.cfg.export_rank))
@@ -117,5 +118,8 @@ def train(source, reference, out, preset: str = "paper", seed: int = 0, *, resum
     cfg = make_config(preset, seed=seed, **overrides)
     return run_baseline(CustomDiffusion, source, reference, out, cfg, resume=resume, progress=progress).path
 
+
+register(MethodSpec(NAME, BaselineConfig, PRESETS, train, make_config, fixed=("method", "preset"),
+                    doc=(__doc__ or "").split("\n")[0]))
 
 __all__ = ["NAME", "PRESETS", "CustomDiffusion", "delta_as_lora", "kv_layers", "make_config", "train"]

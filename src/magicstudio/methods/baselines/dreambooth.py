@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..runs import RunDir
-from ..training import Phase
+from ...training.runs import RunDir
+from ...training.loop import Phase
+from ...training.registry import MethodSpec, register
 from .common import Baseline, BaselineConfig, make_baseline_config, run_baseline
 
 NAME = "dreambooth"
@@ -85,5 +86,8 @@ def train(source, reference, out, preset: str = "paper", seed: int = 0, *, resum
     cfg = make_config(preset, seed=seed, **overrides)
     return run_baseline(DreamBooth, source, reference, out, cfg, resume=resume, progress=progress).path
 
+
+register(MethodSpec(NAME, BaselineConfig, PRESETS, train, make_config, fixed=("method", "preset"),
+                    doc=(__doc__ or "").split("\n")[0]))
 
 __all__ = ["NAME", "PRESETS", "DreamBooth", "MODEL_DIR", "make_config", "train"]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runs import RunDir
-from ..training import Phase
+from ...training.runs import RunDir
+from ...training.loop import Phase
+from ...training.registry import MethodSpec, register
 from .common import Baseline, BaselineConfig, make_baseline_config, run_baseline
 
 NAME = "textual-inversion"
@@ -38,7 +39,7 @@ class TextualInversion(Baseline):
         return [{"params": [self.embedding.rows], "lr": self.cfg.lr}]
 
     def export(self, run: RunDir) -> None:
-        from ..export import export_a1111
+        from ...training.export import export_a1111
 
         self.save_tokens(run)
         export_a1111(run.path)
@@ -54,5 +55,8 @@ def train(source, reference, out, preset: str = "paper", seed: int = 0, *, resum
     cfg = make_config(preset, seed=seed, **overrides)
     return run_baseline(TextualInversion, source, reference, out, cfg, resume=resume, progress=progress).path
 
+
+register(MethodSpec(NAME, BaselineConfig, PRESETS, train, make_config, fixed=("method", "preset"),
+                    doc=(__doc__ or "").split("\n")[0]))
 
 __all__ = ["NAME", "PRESETS", "TextualInversion", "make_config", "train"]

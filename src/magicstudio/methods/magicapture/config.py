@@ -7,46 +7,19 @@ high enough that the mechanisms visibly act within that budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 from ...errors import UserError
 from ...models.precision import PRECISIONS
-
-SOURCE_TEMPLATES = [
-    "a photo of a {v1} person",
-    "a close-up photo of a {v1} person",
-    "a portrait of a {v1} person",
-    "a photo of the face of a {v1} person",
-]
-REFERENCE_TEMPLATES = [
-    "a painting of a person in the style of {v2}",
-    "a photo of a person in the style of {v2}",
-    "a portrait of a person in the style of {v2}",
-    "an image of a person in the {v2} style",
-]
-COMPOSED_TEMPLATES = [
-    "a photo of a {v1} person in the style of {v2}",
-    "a portrait of a {v1} person in the style of {v2}",
-    "a painting of a {v1} person in the style of {v2}",
-    "an image of a {v1} person in the {v2} style",
-]
-OBJECT_SOURCE_TEMPLATES = ["a photo of a {v1} {cls}", "a close-up photo of a {v1} {cls}"]
-OBJECT_REFERENCE_TEMPLATES = ["a photo in the style of {v2}", "a picture in the {v2} style"]
-OBJECT_COMPOSED_TEMPLATES = ["a photo of a {v1} {cls} in the style of {v2}", "a {v1} {cls} in the {v2} style"]
+from ...training.config import TrainConfig, build_config
 
 
 @dataclass
-class CaptureConfig:
-    preset: str = "paper"
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    resolution: int | None = None  # None: the base model's native size
-    seed: int = 0
-    mode: str = "portrait"  # or "object" (the supplement's general-object variant)
-    object_class: str = "object"
+class CaptureConfig(TrainConfig):
+    """The shared settings (``training.config.TrainConfig``) with MagiCapture's defaults, and its own."""
+
+    object_class: str = "object"  # mode "object": the supplement's general-object variant
     # tokens (Sec. Method; METHODS.md: <v1> from "person", <v2> from N(0, 0.017^2))
-    v1: str = "<v1>"
-    v2: str = "<v2>"
-    v1_init: str = "person"
     v2_init: str = "noise:0.017"
     # phase 1: textual inversion (Eq. 9)
     ti_steps: int = 1200
@@ -74,14 +47,8 @@ class CaptureConfig:
     batch_size: int = 1
     grad_accum: int = 4
     weight_decay: float = 1e-2
-    grad_clip: float = 1.0
     lr_schedule: str = "linear"  # linear decay to 0 within each phase, or "constant"
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    cache_latents: bool = False
-    deterministic: bool = True  # CPU: one intra-op thread, so the same seed gives identical weights
     # data augmentation (METHODS.md)
-    hflip: bool = True
     color_jitter: float = 0.1
     # identity loss
     face_encoder: str | None = None
@@ -97,15 +64,6 @@ class CaptureConfig:
     lambda_ssim: float = 0.1
     lambda_contra: float = 0.2
     lambda_style: float = 2.0
-    # bookkeeping
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    sample_every: int = 0  # 0: only at the end
-    sample_steps: int = 25
-    log_every: int = 1
-
-    def tokens(self) -> list[str]:
-        return [self.v1, self.v2]
 
     @property
     def total_steps(self) -> int:
@@ -142,14 +100,7 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str = "paper", **overrides) -> CaptureConfig:
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    known = {f.name for f in fields(CaptureConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise UserError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    cfg = replace(CaptureConfig(), preset=preset, **PRESETS[preset])
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = build_config(CaptureConfig, PRESETS, preset, overrides, "MagiCapture setting")
     validate(cfg)
     return cfg
 

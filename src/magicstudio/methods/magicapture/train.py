@@ -30,11 +30,12 @@ from ...data.masks import downsample_mask
 from ...models.face_align import align_faces, alignment_matrix
 from ...models.precision import conv_input, frozen_autocast, frozen_dtype, use_checkpointing
 from ...models.tokens import token_vectors
-from ..concepts import ConceptSet
-from ..lora import add_lora, lora_config, lora_parameters
-from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
-from ..runs import RunDir
-from ..training import Phase, StepOutput
+from ...training.concepts import ConceptSet
+from ...training.lora import add_lora, lora_config, lora_parameters
+from ...training.personalize import ConceptSampler, add_concept_tokens, encode_prompt
+from ...training.runs import RunDir
+from ...training import prompts as P
+from ...training.loop import Phase, StepOutput
 from . import config as C
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,9 @@ class MagiCapture:
         cfg = self.cfg
         obj = cfg.mode == "object"
         templates = {
-            "source": C.OBJECT_SOURCE_TEMPLATES if obj else C.SOURCE_TEMPLATES,
-            "reference": C.OBJECT_REFERENCE_TEMPLATES if obj else C.REFERENCE_TEMPLATES,
-            "composed": C.OBJECT_COMPOSED_TEMPLATES if obj else C.COMPOSED_TEMPLATES,
+            "source": P.OBJECT_SOURCE_TEMPLATES if obj else P.SOURCE_TEMPLATES,
+            "reference": P.OBJECT_REFERENCE_TEMPLATES if obj else P.REFERENCE_TEMPLATES,
+            "composed": P.OBJECT_COMPOSED_TEMPLATES if obj else P.COMPOSED_TEMPLATES,
         }[task]
         k = int(torch.randint(len(templates), (1,), generator=self.generator))
         return templates[k].format(v1=cfg.v1, v2=cfg.v2, cls=cfg.object_class)
@@ -333,12 +334,11 @@ class MagiCapture:
                 set_peft_model_state_dict(module, sub)
 
     def composed_prompt(self) -> str:
-        t = C.OBJECT_COMPOSED_TEMPLATES[0] if self.cfg.mode == "object" else C.COMPOSED_TEMPLATES[0]
-        return t.format(v1=self.cfg.v1, v2=self.cfg.v2, cls=self.cfg.object_class)
+        return P.composed_prompt(self.cfg.v1, self.cfg.v2, self.cfg.mode, self.cfg.object_class)
 
     @torch.no_grad()
     def sample(self, run: RunDir, step: int, n: int = 2) -> None:
-        from ..sampling import image_grid
+        from ...training.sampling import image_grid
 
         pipe = self.comps.pipeline()
         self.store.active = False
@@ -352,7 +352,7 @@ class MagiCapture:
         image_grid(images).save(run.samples / f"step-{step:06d}.png")
 
     def finalize(self, run: RunDir) -> None:
-        from ..export import export_a1111, save_embeddings, save_lora
+        from ...training.export import export_a1111, save_embeddings, save_lora
 
         self.sample(run, self.cfg.total_steps)
         vectors = token_vectors(self.comps.text_encoder, self.token_ids)

@@ -2,7 +2,7 @@
 
 Pair ``i`` = held-out identity ``i`` (5 pictures in pretraining styles) x held-out style ``i`` (5 pretraining
 people in that style), written as prepared folders (masks and landmarks from the generator). Every method is
-trained, sampled with the composed prompt and scored by the real benchmark harness (``methods/bench.py``) with the
+trained, sampled with the composed prompt and scored by the real benchmark harness (``experiments/bench.py``) with the
 toy encoders plugged into ``evaluate_images`` (``face_backend="toyworld"`` -> toy-CSIM, ``clip_model="toyworld"``
 -> toy-Style). On top, per generated image, the identity token's **attention spill**: the share of its
 cross-attention (conditional branch, layers at 1/2 of the latent resolution = 8x8, averaged over heads, layers and
@@ -53,17 +53,23 @@ QUICK_SETTINGS: dict[str, dict] = {
 
 
 def _method_settings(method: str, table: dict[str, dict]) -> dict:
-    key = "magicapture" if method.startswith("magicapture") else method
-    return dict(table.get(key, {}))
+    """``table``'s settings for ``method``: those of its family (a method and its ablations), then its own."""
+    from ...methods import get_method
+
+    family = get_method(method).family
+    return dict(table.get(family, {})) | (dict(table.get(method, {})) if method != family else {})
 
 
 def table_overrides(methods, table: dict[str, dict], extra: dict[str, dict] | None = None) -> dict[str, dict]:
     """The harness's per-method settings: the toy ones (``table``), then the user's ``extra`` (``"*"``: every
-    method that has the setting; ``"magicapture"``: MagiCapture and its ablations; or a method name), which win."""
+    method that has the setting; a family, e.g. ``"magicapture"``: MagiCapture and its ablations; or a method
+    name), which win."""
+    from ...methods import get_method
     from ..bench import method_settings
 
     extra = dict(extra or {})
-    stray = [k for k in extra if k not in ("*", "magicapture") and k not in methods]
+    families = {get_method(m).family for m in methods}
+    stray = [k for k in extra if k != "*" and k not in families and k not in methods]
     if stray:
         raise UserError(f"--set names {', '.join(stray)}, which is not among the methods ({', '.join(methods)})")
     star = extra.get("*", {})
@@ -107,8 +113,8 @@ def generation_spill(run_dir: Path, prompt: str, n: int, seed: int, steps: int, 
     """Per image (seeds ``seed..seed+n-1``, as the harness generated them): share of the identity token's attention
     outside the face region, at :data:`SPILL_LAYERS`."""
     from ...losses.attention import attention_spill
-    from ..magicapture.generate import load_run_pipeline
-    from ..sampling import AttentionRecorder
+    from ...training.generate import load_run_pipeline
+    from ...training.sampling import AttentionRecorder
 
     pipe, cfg, tokens = load_run_pipeline(run_dir, "ddim")
     tid = pipe.tokenizer.convert_tokens_to_ids(cfg["v1"])
@@ -139,8 +145,8 @@ def picture_spill(run_dir: Path, source_dir: Path, prompt: str, timesteps=(100, 
     from ...attention.capture import AttentionStore, install_capture, restore_processors, select_layers, stack_token_maps
     from ...data.prepare import load_prepared
     from ...losses.attention import attention_spill
-    from ..magicapture.generate import load_run_pipeline
-    from ..personalize import encode_prompt
+    from ...training.generate import load_run_pipeline
+    from ...training.personalize import encode_prompt
 
     pipe, cfg, _ = load_run_pipeline(run_dir, "ddim")
     emb, positions = encode_prompt(pipe, prompt, [pipe.tokenizer.convert_tokens_to_ids(cfg["v1"])])
@@ -247,9 +253,8 @@ def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] 
     (MagiCapture and its ablations), e.g. ``{"magicapture": {"lora_lr": 5e-4}}`` (``--set magicapture.lora_lr=5e-4``).
     """
     from ...models.toyworld import toyworld_weights, ENCODERS_FILE
+    from ...methods import METHODS
     from ..bench import BenchSettings, run_bench
-
-    from ..baselines import METHODS
 
     if not 1 <= n_pairs <= N_PAIRS:
         raise UserError(f"--pairs must be between 1 and {N_PAIRS} (the held-out identities and styles)")

@@ -1,6 +1,6 @@
 """The benchmark harness: every method on every (identity, style) pair, then a Table-1-style report.
 
-For each cell (pair x method) of a sweep, ``run_cell`` trains the method (``baselines.METHODS``), generates
+For each cell (pair x method) of a sweep, ``run_cell`` trains the method (``training.registry``), generates
 ``images_per_pair`` images with the composed prompt ("a photo of a <v1> person in the style of <v2>"; guidance
 7.5, 50 steps as in the paper; seeds ``seed .. seed+N-1``, the same for every method) and scores them with
 ``magicstudio.evaluation.evaluate_images``. ``run_bench`` runs the cells one by one (``local``) or as Ray tasks
@@ -147,19 +147,16 @@ class BenchSettings:
 
 def _config_class(method: str) -> type:
     """The settings dataclass of ``method``."""
-    if method.startswith("magicapture"):
-        from .magicapture.config import CaptureConfig
+    from ..methods import get_method
 
-        return CaptureConfig
-    from .baselines.common import BaselineConfig
-
-    return BaselineConfig
+    return get_method(method).config_class
 
 
 def method_settings(method: str) -> set[str]:
     """The setting names ``method`` accepts as overrides."""
-    names = {f.name for f in fields(_config_class(method))}
-    return names if method.startswith("magicapture") else names - {"method", "preset"}
+    from ..methods import get_method
+
+    return set(get_method(method).settings())
 
 
 def resolve_overrides(settings: BenchSettings, method: str) -> dict:
@@ -171,8 +168,9 @@ def resolve_overrides(settings: BenchSettings, method: str) -> dict:
 
 
 def check_settings(settings: BenchSettings) -> None:
-    from .baselines import METHODS, PRESETS
+    from ..methods import METHODS, shared_presets
 
+    PRESETS = shared_presets()
     if not settings.methods:
         raise UserError("no methods given")
     unknown = [m for m in settings.methods if m not in METHODS]
@@ -298,8 +296,8 @@ def cell_dir(out: Path, pair: str, method: str) -> Path:
 
 
 def _composed_prompt(run_dir: Path) -> str:
-    from .magicapture.generate import default_prompt
-    from .runs import RunDir
+    from ..training.generate import default_prompt
+    from ..training.runs import RunDir
 
     return default_prompt(RunDir(run_dir).read_config())
 
@@ -337,7 +335,7 @@ def run_cell(spec: dict) -> dict:
     metrics, face_backend, eval_options, evaluator (None: ``magicstudio.evaluation.evaluate_images``),
     reevaluate, progress (training progress output). Returns the cell's ``result.json`` content.
     """
-    from .baselines import METHODS
+    from ..methods import get_method
 
     cell = Path(spec["cell_dir"])
     cell.mkdir(parents=True, exist_ok=True)
@@ -354,7 +352,7 @@ def run_cell(spec: dict) -> dict:
     try:
         t0 = time.time()
         if not (run_dir / "DONE").is_file():
-            train = METHODS[spec["method"]]
+            train = get_method(spec["method"]).train
             train(spec["source"], spec["reference"], run_dir, spec["preset"], spec["seed"],
                   resume=(run_dir / "config.yaml").is_file(), progress=bool(spec.get("progress")),
                   **spec.get("overrides", {}))
@@ -366,7 +364,7 @@ def run_cell(spec: dict) -> dict:
         result["prompt"] = prompt
         expected = _expected_images(images, spec["images"], spec["seed"])
         if not all(p.is_file() for p in expected):
-            from .magicapture.generate import generate
+            from ..training.generate import generate
 
             shutil.rmtree(images, ignore_errors=True)  # the cell's own partial images: generate never overwrites
             generate(run_dir, images, prompt=prompt, num_images=spec["images"], seed=spec["seed"],
@@ -405,7 +403,7 @@ def run_cell(spec: dict) -> dict:
 
 def _training_face_encoder(run_dir: Path) -> str | None:
     try:
-        from .runs import RunDir
+        from ..training.runs import RunDir
 
         enc = RunDir(run_dir).read_config().get("face_encoder")
         return str(enc) if enc and enc != "tiny" else None
@@ -467,7 +465,7 @@ def _fingerprint(settings: BenchSettings, pair: Pair, method: str, overrides: di
 def _prepare_pair(pair: Pair, out: Path, progress: bool) -> tuple[Path, Path]:
     """The pair's folders as ``magicstudio prepare`` folders (prepared once under ``DIR/prepared/<pair>``)."""
     from ..data.prepare import is_prepared
-    from .magicapture import prepared_dir
+    from ..training.personalize import prepared_dir
 
     dirs = []
     for role, folder in (("source", pair.source), ("reference", pair.reference)):
@@ -483,7 +481,7 @@ def plan(pairs: list[Pair], settings: BenchSettings, out: Path, evaluator: Any =
     for pair in pairs:
         for method in settings.methods:
             overrides = resolve_overrides(settings, method)
-            if (settings.shared_class_images and not method.startswith("magicapture")
+            if (settings.shared_class_images and "class_dir" in method_settings(method)
                     and "class_dir" not in overrides):
                 overrides["class_dir"] = str(out / "class_images")
             cdir = cell_dir(out, pair.name, method)

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attention.capture import AttentionStore, restore_processors
-from ..attention.magicface import MagicFaceState, install_magicface, replaced_layers
-from ..attention.segmentation import PALETTE, render, segment
-from ..errors import UserError
-from .sampling import a1111_parameters, check_image_seeds, image_grid, save_png, unused_stem
+from ...attention.capture import AttentionStore, restore_processors
+from ...attention.magicface import MagicFaceState, install_magicface, replaced_layers
+from ...attention.segmentation import PALETTE, render, segment
+from ...errors import UserError
+from ...training.sampling import a1111_parameters, check_image_seeds, image_grid, save_png, unused_stem
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _auto_mask(analyzer, image: Image.Image, kind: str, word: str, origin: str) 
 
 
 def _user_mask(mask, size: tuple[int, int], word: str) -> np.ndarray:
-    from ..data.masks import binarize, load_mask
+    from ...data.masks import binarize, load_mask
 
     m = binarize(mask) if isinstance(mask, np.ndarray) else load_mask(mask)
     w, h = size
@@ -150,7 +150,7 @@ def prepare_references(concepts: list[Concept], size: int, analyzer=None) -> lis
 
     ``analyzer``: the ``FaceAnalyzer`` for automatic masks (default: mediapipe's, made when first needed).
     """
-    from ..data.images import center_crop, load_image
+    from ...data.images import center_crop, load_image
 
     words = [c.word for c in concepts]
     made = None
@@ -164,7 +164,7 @@ def prepare_references(concepts: list[Concept], size: int, analyzer=None) -> lis
                 mask, source = _user_mask(c.mask, image.size, c.word), "user mask"
             elif kind is not None:
                 if analyzer is None:
-                    from ..data.faces import MediapipeFaceAnalyzer
+                    from ...data.faces import MediapipeFaceAnalyzer
 
                     analyzer = made = MediapipeFaceAnalyzer()
                 mask, source = _auto_mask(analyzer, image, kind, c.word, origin), f"{kind} mask (automatic)"
@@ -185,7 +185,7 @@ def prepare_references(concepts: list[Concept], size: int, analyzer=None) -> lis
 
 def reference_preview(refs: list[Reference]) -> Image.Image:
     """The references side by side, each mask tinted in its concept's colour (the legend of the mask pictures)."""
-    from ..data.masks import overlay
+    from ...data.masks import overlay
 
     return image_grid([overlay(r.image, r.mask, PALETTE[i % len(PALETTE)]) for i, r in enumerate(refs)], cols=len(refs))
 
@@ -320,7 +320,7 @@ def run_magicface(concepts: list[Concept | str], prompt: str, out_dir: str | os.
     ``references.png`` (each reference with its mask), ``<image>-masks.png`` (segmentation of every step, left to
     right) and ``masks/<image>/stepNNN.png``. Returns the image paths.
     """
-    from ..models.base import load_base
+    from ...models.base import load_base
 
     concepts = [parse_concept(c) if isinstance(c, str) else c for c in concepts]
     words = [c.word for c in concepts]

@@ -31,8 +31,8 @@ from ...data import toyworld as world
 from ...errors import UserError
 from ...io import save_tensors, write_json
 from ...models import toyworld as tw
-from ..personalize import check_seed
-from ..state import load_state, save_state
+from ...training.personalize import check_seed
+from ...training.state import load_state, save_state
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Generation from a MagiCapture run with plain diffusers loading (``load_lora_weights`` +
+"""Generation from a run folder of any method with plain diffusers loading (``load_lora_weights`` +
 ``load_textual_inversion``): what the run folder gives any diffusers user, magicstudio uses itself."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
-from ...models.base import load_base
-from ..export import LORA_FILE, embedding_name, load_run_into_pipeline
-from ..runs import RunDir
-from ..sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, heatmap_overlay, image_grid, save_png,
+from ..errors import UserError
+from ..models.base import load_base
+from .export import LORA_FILE, embedding_name, load_run_into_pipeline
+from .runs import RunDir
+from .sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, heatmap_overlay, image_grid, save_png,
                         unused_stem)
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _check_run_files(run: RunDir, cfg: dict) -> None:
 
 def _load_postprocessor(upscale: int, sr: str, restore_weights: str | None, fidelity: float):
     """Check the post-processing settings and load the face restorer (None without weights) before any image."""
-    from ...postprocess import SR_BACKENDS, load_restorer, realesrgan_status
+    from ..postprocess import SR_BACKENDS, load_restorer, realesrgan_status
 
     if sr not in SR_BACKENDS:
         raise UserError(f"unknown super-resolution backend {sr!r}: use {' or '.join(SR_BACKENDS)}")
@@ -79,10 +79,9 @@ def _output_folder(out: Path) -> Path:
 
 
 def default_prompt(cfg: dict) -> str:
-    from .config import COMPOSED_TEMPLATES, OBJECT_COMPOSED_TEMPLATES
+    from .prompts import composed_prompt
 
-    t = OBJECT_COMPOSED_TEMPLATES[0] if cfg.get("mode") == "object" else COMPOSED_TEMPLATES[0]
-    return t.format(v1=cfg["v1"], v2=cfg["v2"], cls=cfg.get("object_class", "object"))
+    return composed_prompt(cfg["v1"], cfg["v2"], cfg.get("mode", "portrait"), cfg.get("object_class", "object"))
 
 
 def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str | None = None, negative: str = "",
@@ -131,7 +130,7 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
         stem = unused_stem(out, f"{i:03d}-seed{s}", ("{}.png", "{}-post.png", "{}-attention.png"))  # never overwrite earlier images
         paths.append(save_png(image, out / f"{stem}.png", params))
         if post:
-            from ...postprocess import postprocess
+            from ..postprocess import postprocess
 
             big = postprocess(image, upscale_factor=max(1, upscale), fidelity=fidelity, sr_backend=sr,
                               restorer=restorer)

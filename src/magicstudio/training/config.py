@@ -1,0 +1,120 @@
+"""The settings every personalisation method shares, and how a method's settings are built from a preset.
+
+``TrainConfig`` holds the fields the training layer reads (base model, size, seed, the two placeholder tokens,
+optimisation, precision, augmentation, checkpoints and logging); a method's dataclass extends it with its own
+fields and may give a shared field another default by declaring it again. ``build_config`` is the one way a
+config is made: the preset over the defaults, then the caller's settings (None values ignored), each checked by
+name and type (one line naming the key and the accepted ones).
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ..errors import UserError
+from ..models.base import SD15
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "paper"
+    model: str = SD15
+    resolution: int | None = None  # None: the base model's native size
+    seed: int = 0
+    mode: str = "portrait"  # generate's default prompt reads it (the run-folder contract)
+    # tokens: <v1> identity (source images), <v2> style (reference images)
+    v1: str = "<v1>"
+    v2: str = "<v2>"
+    v1_init: str = "person"
+    v2_init: str = "style"
+    # optimisation
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    lr_schedule: str = "constant"  # see training.loop.LR_SCHEDULES
+    lr_warmup_steps: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    deterministic: bool = True  # CPU: one intra-op thread, so the same seed gives identical weights
+    # data augmentation
+    hflip: bool = True
+    color_jitter: float = 0.0
+    # bookkeeping
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0: only at the end
+    sample_steps: int = 25
+    log_every: int = 1
+
+    def tokens(self) -> list[str]:
+        return [self.v1, self.v2]
+
+    @property
+    def total_steps(self) -> int:
+        raise NotImplementedError
+
+
+def field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The accepted Python types of each field of the dataclass ``cls`` (``int | None`` -> (int, NoneType));
+    fields of other types (lists ...) are left out."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+        if all(k in (int, float, str, bool, type(None)) for k in kinds):
+            out[f.name] = tuple(kinds)
+    return out
+
+
+def fits(value: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether ``value`` is of one of ``kinds`` (an int is a float; a bool is not an int)."""
+    if value is None:
+        return type(None) in kinds
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds
+    return isinstance(value, str) and str in kinds
+
+
+def type_names(kinds: tuple[type, ...]) -> str:
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def check_settings(cls: type, settings: dict, what: str = "setting", fixed: tuple[str, ...] = ()) -> None:
+    """One line for the first unknown key or value of the wrong type in ``settings`` (None: keep the default)."""
+    names = [f.name for f in fields(cls) if f.name not in fixed]
+    for key, value in settings.items():
+        if key not in names:
+            raise UserError(f"unknown {what} {key!r}; accepted: {', '.join(names)}")
+        kinds = field_types(cls).get(key)
+        if value is not None and kinds and not fits(value, kinds):
+            raise UserError(f"{what} {key}={value!r}: expected {type_names(kinds)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{what} {key}={value!r}: must be a finite number")
+
+
+def coerce(cls: type, settings: dict) -> dict:
+    """ints given for float fields become floats (YAML's ``1`` for ``lr``), so the dataclass holds its types."""
+    types = field_types(cls)
+    return {k: float(v) if (isinstance(v, int) and not isinstance(v, bool) and types.get(k) and int not in types[k]
+                            and float in types[k]) else v for k, v in settings.items()}
+
+
+def build_config(cls: type, presets: dict[str, dict], preset: str, overrides: dict, what: str = "setting",
+                 fixed: dict | None = None):
+    """``cls()`` with ``presets[preset]`` and ``fixed`` (set by the method itself, e.g. its name) over the
+    defaults, then ``overrides`` (None values ignored), each checked by name and type."""
+    if preset not in presets:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    fixed = dict(fixed or {})
+    check_settings(cls, overrides, what, tuple(fixed))
+    cfg = replace(cls(), preset=preset, **fixed, **presets[preset])
+    return replace(cfg, **coerce(cls, {k: v for k, v in overrides.items() if v is not None}))

@@ -1,0 +1,40 @@
+"""The whole personalisation job, the same for every method: open the run, set the method up, train.
+
+``run_method`` = ``personalize.open_run`` (refuse to overwrite, resume with the saved settings, base model,
+prepared photo folders), then the method's ``setup`` (what it loads besides: MagiCapture's face encoder, the
+baselines' class images), the run's ``config.yaml``, and ``loop.train`` with the config's loop settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from .runs import RunDir
+
+#: ``setup(run, cfg, comps, source_set, reference_set, device) -> (build, extra)``: ``build()`` makes the
+#: ``TrainableMethod`` (after config.yaml is written); ``extra``: more keys for config.yaml
+Setup = Callable[..., tuple[Callable[[], object], dict]]
+
+
+def run_method(source: str | Path, reference: str | Path, out: str | Path, cfg, setup: Setup, *,
+               resume: bool = False, progress: bool = True, device=None) -> RunDir:
+    """Train the method ``setup`` makes into the run folder ``out`` (``resume`` continues an unfinished one)."""
+    from .loop import train
+    from .personalize import open_run, process_device
+
+    opened = open_run(source, reference, out, cfg, resume, progress)
+    if opened is None:
+        return RunDir(out)
+    run, cfg, comps, source_set, reference_set = opened
+    device = device or process_device()
+    build, extra = setup(run, cfg, comps, source_set, reference_set, device)
+    run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()}
+                     | dict(extra))
+    method = build()
+    train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
+          keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
+          mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
+          deterministic=cfg.deterministic)
+    return run
