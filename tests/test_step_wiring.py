@@ -190,7 +190,7 @@ def test_capture_composed_task_wiring(toy, toy_sets):
     # Eq. 7: the identity target is the source set's identity, weight lambda_id
     i = rec["id"]
     assert i.concept == "source" and i.weight == m.cfg.lambda_id and i.t_range == (0, m.cfg.t_id_max)
-    assert 0 < float(i.value) <= 2  # L_id = 1 - cos enters as itself (a subtracted term would be negative)
+    assert 0 < float(i.value.detach()) <= 2  # L_id = 1 - cos enters as itself (a subtracted term would be negative)
     check_total(out)
     for name, term in rec.items():
         assert flat(grads(term.value, lora_params(m))).abs().sum() > 0, name
