@@ -21,7 +21,7 @@ def test_self_similarity_loss_by_hand():
     s_src = torch.tensor([[1, 0, 2 ** -0.5], [0, 1, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5, 1]])
     s_gen = torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]])
     assert torch.allclose(key_self_similarity(src)[0], s_src, atol=1e-6)
-    expected = (s_gen - s_src).norm()  # Frobenius
+    expected = (s_gen - s_src).pow(2).sum() / 9  # the authors' MSE over the 3x3 map (METHODS.md), not the norm
     assert torch.allclose(self_similarity_loss(gen, src), expected, atol=1e-6)
     # zero for the same structure, whatever the keys' scale; the source side gets no gradient
     assert self_similarity_loss(src * 3.0, src).item() == pytest.approx(0.0, abs=1e-6)
@@ -53,7 +53,8 @@ def test_patch_contrastive_loss_by_hand_and_positive_is_same_position():
 def test_style_cls_loss_by_hand():
     gen = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     ref = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    assert style_cls_loss(gen, ref).item() == pytest.approx((5.0 + 1.0) / 2)
+    # the authors' MSE over every feature (METHODS.md): (9 + 16 + 1 + 0) / 4, not the mean L2 norm (5 + 1) / 2
+    assert style_cls_loss(gen, ref).item() == pytest.approx((9.0 + 16.0 + 1.0) / 4)
     assert style_cls_loss(ref, ref).item() == 0.0
     g = gen.clone().requires_grad_(True)
     r = ref.clone().requires_grad_(True)

@@ -133,6 +133,8 @@ class MagicFaceState:
     ``ref_masks``: (R, H, W) {0,1} reference masks (any resolution; resized to each layer with nearest, as the
     authors do). ``assignment``: (S, S) long, concept index per target pixel or -1 (RBA routing), or None.
     With ``record_mass``, ``mass[layer]`` holds the target's attention mass on each reference, (N, R).
+    ``ran``: (layer, "rsa" | "rba", target pixels rewritten) for every injection since it was last cleared (the
+    sampler's per-step record of what ran).
     """
 
     ref_masks: torch.Tensor
@@ -143,6 +145,7 @@ class MagicFaceState:
     assignment: torch.Tensor | None = None
     record_mass: bool = False
     mass: dict[str, torch.Tensor] = field(default_factory=dict)
+    ran: list[tuple[str, str, int]] = field(default_factory=list)
     _bias: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -211,16 +214,20 @@ class MagicFaceProcessor(CaptureProcessor):
         mass = torch.zeros(nq, st.n_refs)
         if st.mode == "rsa" and visible:
             out[t], m = attend_with_references(q, k, v, [refs[i] for i in visible], keep)
+            st.ran.append((self.name, "rsa", nq))
             if keep:
                 mass[:, visible] = m.cpu()
         elif st.mode == "rba" and st.assignment is not None:
             route = st.routing(side).to(out.device)
+            routed = 0
             for i in visible:
                 rows = torch.nonzero(route == i).flatten()
                 if rows.numel():
                     out[t, :, rows], m = attend_with_references(q[:, rows], k, v, [refs[i]], keep)
+                    routed += rows.numel()
                     if keep:
                         mass[rows.cpu(), i] = m[:, 0].cpu()
+            st.ran.append((self.name, "rba", routed))
         if st.record_mass:
             st.mass[self.name] = mass.detach().cpu()
 

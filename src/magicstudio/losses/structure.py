@@ -18,11 +18,12 @@ def key_self_similarity(keys: torch.Tensor) -> torch.Tensor:
 
 
 def self_similarity_loss(keys_gen: torch.Tensor, keys_src: torch.Tensor) -> torch.Tensor:
-    """L_ssim of Eq. 11: Frobenius norm ``||S(x0_hat) - S(I_s)||_F`` of the difference of the keys' cosine
-    self-similarity matrices, per sample, averaged over the batch. Zero when the structures match; invariant to
-    anything that scales the keys. The source side is a target (no gradient)."""
-    diff = key_self_similarity(keys_gen) - key_self_similarity(keys_src.detach())
-    return diff.flatten(1).norm(dim=1).mean()
+    """L_ssim of Eq. 11 with the authors' scaling (their ``loss_vit.py``; ../shared/METHODS.md): the mean squared
+    error between the keys' cosine self-similarity matrices ``S(x0_hat)`` and ``S(I_s)``, over every entry of every
+    sample (the paper writes a Frobenius norm; on a 784-patch map that is ~5e4 times the MSE and swamps every other
+    term at the paper's weights). Zero when the structures match; invariant to anything that scales the keys. The
+    source side is a target (no gradient)."""
+    return F.mse_loss(key_self_similarity(keys_gen), key_self_similarity(keys_src.detach()))
 
 
 def patch_contrastive_loss(keys_gen: torch.Tensor, keys_src: torch.Tensor, tau: float = 0.07,
@@ -43,6 +44,7 @@ def patch_contrastive_loss(keys_gen: torch.Tensor, keys_src: torch.Tensor, tau: 
 
 
 def style_cls_loss(cls_gen: torch.Tensor, cls_ref: torch.Tensor) -> torch.Tensor:
-    """L_style of Eq. 11: L2 distance ``||CLS(x0_hat) - CLS(I_r)||_2`` between DINO ``[CLS]`` tokens (Splice's
-    appearance loss), averaged over the batch. The reference side is a target (no gradient)."""
-    return (cls_gen.float() - cls_ref.detach().float()).norm(dim=-1).mean()
+    """L_style of Eq. 11 with the authors' scaling (their ``loss_vit.py``; ../shared/METHODS.md): the mean squared
+    error between the DINO ``[CLS]`` tokens of x0_hat and of the reference (Splice's appearance loss), over every
+    feature of every sample (not the L2 norm the paper writes). The reference side is a target (no gradient)."""
+    return F.mse_loss(cls_gen.float(), cls_ref.detach().float())

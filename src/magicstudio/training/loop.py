@@ -40,10 +40,33 @@ class Phase:
 
 
 @dataclass
+class Term:
+    """What one loss term of a micro-step received: the seam the wiring tests read (tests/test_step_wiring.py).
+
+    ``value``: the term itself, with its graph, before its weight; the step's total is ``sum(weight * value)``.
+    ``concept`` / ``index``: which image (index into which concept set) the term was computed on; ``mask``: the
+    mask it was given (latent size) and ``mask_kind`` its name ("face", "non-face", "none"); ``tokens``: the
+    placeholder tokens it acts through; ``prompt``; ``t`` and ``t_range`` ([lo, hi)) the timestep(s) drawn.
+    """
+
+    value: torch.Tensor
+    weight: float
+    concept: str | None = None
+    index: int | list[int] | None = None
+    mask: torch.Tensor | None = None
+    mask_kind: str | None = None
+    tokens: tuple[str, ...] = ()
+    prompt: str | list[str] | None = None
+    t: torch.Tensor | None = None
+    t_range: tuple[int, int] | None = None
+
+
+@dataclass
 class StepOutput:
     loss: torch.Tensor
     terms: dict[str, float] = field(default_factory=dict)
     task: str = ""
+    record: dict[str, Term] = field(default_factory=dict)  # term name -> what it received (see ``Term``)
 
 
 class TrainableMethod(Protocol):
@@ -197,6 +220,9 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                 if phase.grad_clip:
                     accelerator.clip_grad_norm_(params, phase.grad_clip)
                 optimizer.step()
+                after = getattr(method, "after_optimizer_step", None)
+                if after is not None:  # e.g. MagiCapture official: embedding norms pulled toward 0.4 in phase 1
+                    after(phase.name, optimizer.param_groups[0]["lr"])
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -33,7 +33,7 @@ from ...training.concepts import ConceptSet
 from ...training.config import TrainConfig, build_config
 from ...training.personalize import ConceptSampler, add_concept_tokens, encode_prompt
 from ...training.runs import RunDir
-from ...training.loop import StepOutput
+from ...training.loop import StepOutput, Term
 
 log = logging.getLogger(__name__)
 
@@ -192,28 +192,39 @@ class Baseline(ABC):
         n_inst = len(kinds)
         if cfg.prior:
             kinds += ["class"] * n_inst
-        latents, prompts = [], []
+        latents, prompts, indices = [], [], []
         for kind in kinds:
-            z, *_ = self.data.draw(kind)
+            z, *_, i = self.data.draw(kind)
             latents.append(z)
             prompts.append(self.prompt(kind))
+            indices.append(i)
         z0 = torch.cat(latents)
         noise = torch.randn(z0.shape, generator=self.generator).to(z0)
         t = torch.randint(0, cfg.t_max, (z0.shape[0],), generator=self.generator).to(self.device)
         z_t = self.comps.scheduler.add_noise(z0, noise, t.cpu()).to(z0)
-        emb, _ = encode_prompt(self.comps, prompts, self.token_ids, self.device)
+        emb, positions = encode_prompt(self.comps, prompts, self.token_ids, self.device)
         pred = self.comps.unet(z_t, t, emb).sample
         target = noise if self.comps.prediction_type == "epsilon" else self.comps.scheduler.get_velocity(z0, noise, t.cpu())
         err = denoising_loss(pred, target, per_sample=True)  # Eq. 1 per example
-        loss = err[:n_inst].mean()
-        terms = {"loss_instance": loss.item(), "loss_source": err[:cfg.per_concept].mean().item(),
-                 "loss_reference": err[cfg.per_concept:n_inst].mean().item()}
+        # L_instance = mean over the instance images = 1/2 source + 1/2 reference; + prior_weight * L_prior (Eq. 2)
+        parts = {"source": slice(0, cfg.per_concept), "reference": slice(cfg.per_concept, n_inst)}
         if cfg.prior:
-            prior = err[n_inst:].mean()
-            loss = loss + cfg.prior_weight * prior
-            terms["loss_prior"] = prior.item()
+            parts["class"] = slice(n_inst, len(kinds))
+        record = {}
+        for name, sl in parts.items():
+            rows = range(len(kinds))[sl]
+            tokens = tuple(tok for k, tok in enumerate(cfg.tokens()) if bool((positions[sl, k] >= 0).any()))
+            record["prior" if name == "class" else name] = Term(
+                err[sl].mean(), cfg.prior_weight if name == "class" else 0.5, concept=name,
+                index=[indices[r] for r in rows], mask_kind="none", tokens=tokens, prompt=[prompts[r] for r in rows],
+                t=t[sl], t_range=(0, cfg.t_max))
+        loss = sum(term.weight * term.value for term in record.values())
+        terms = {"loss_instance": err[:n_inst].mean().item(), "loss_source": record["source"].value.item(),
+                 "loss_reference": record["reference"].value.item()}
+        if cfg.prior:
+            terms["loss_prior"] = record["prior"].value.item()
         terms["loss"] = loss.item()
-        return StepOutput(loss, terms, "source+reference" + ("+class" if cfg.prior else ""))
+        return StepOutput(loss, terms, "source+reference" + ("+class" if cfg.prior else ""), record)
 
     # -- state (subclasses add their weights)
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ Only the embeddings of ``<v1>`` (identity, from the source images) and ``<v2>`` 
 images) train; the UNet, the VAE and every other row of the text encoder stay frozen. Paper supplement:
 batch 2 (one source + one reference image), lr 5e-3, 5000 steps, sampling with 50 steps at guidance 7.5.
 Following the original method: initial embeddings from a coarse word for each concept ("person", "style"), a
-random prompt template per example, plain denoising loss, Adam without weight decay, constant lr, no clipping.
+random prompt template per example, plain denoising loss, AdamW with weight decay 0.01 (the original's
+``torch.optim.AdamW`` at its default decay, on the embedding rows only), constant lr, no clipping.
 
 The run folder holds the two embeddings (``embeddings/``, plus A1111 copies) and no LoRA.
 """
@@ -21,10 +22,10 @@ from .common import Baseline, BaselineConfig, make_baseline_config, run_baseline
 NAME = "textual-inversion"
 
 PRESETS: dict[str, dict] = {
-    "paper": dict(steps=5000, lr=5e-3, templates="varied", v1_init="person", v2_init="style", weight_decay=0.0,
+    "paper": dict(steps=5000, lr=5e-3, templates="varied", v1_init="person", v2_init="style", weight_decay=1e-2,
                   grad_clip=None, checkpoint_every=500, keep_checkpoints=2),
     "smoke": dict(model="tiny", steps=40, lr=5e-2, templates="varied", v1_init="person", v2_init="style",
-                  weight_decay=0.0, grad_clip=None, checkpoint_every=20, sample_steps=5),
+                  weight_decay=1e-2, grad_clip=None, checkpoint_every=20, sample_steps=5),
 }
 
 

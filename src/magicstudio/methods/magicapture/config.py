@@ -25,10 +25,15 @@ class CaptureConfig(TrainConfig):
     ti_steps: int = 1200
     ti_lr: float = 5e-4
     ti_t_max: int = 1000
+    ti_weight_decay: float = 1e-2  # paper: silent (the loop's AdamW default); authors: 0 (--weight_decay_ti=0.000)
+    # authors (--clip_ti_decay): after every phase-1 optimizer step each new embedding's norm moves toward 0.4 by
+    # min(1, 100 * lr) of the gap (None: off, as the paper says nothing of it)
+    ti_norm_target: float | None = None
     # phase 2: LoRA + embeddings (Eq. 10)
     lora_steps: int = 1500
     lora_lr: float = 1e-4
     emb_lr: float = 1e-5
+    text_lora_lr: float = 1e-5  # the text-encoder LoRA (text_lora=True; the authors' --learning_rate_text)
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: str = "cross_attn"
@@ -36,6 +41,8 @@ class CaptureConfig(TrainConfig):
     lora_t_max: int = 1000
     lambda_id: float = 1.0
     lambda_attn: float = 2.5
+    # authors: the reference and composed losses count this many times in the first half of phase 2 (paper: 1)
+    early_ref_comp_weight: float = 1.0
     t_id_max: int = 800  # T' < T for the Tweedie estimate of Eq. 7
     id_pass: str = "shared"  # "shared": one UNet pass at t ~ U[0, T') for L_c and L_id; "separate": a second pass
     use_ar: bool = True
@@ -43,8 +50,7 @@ class CaptureConfig(TrainConfig):
     use_id: bool = True
     ar_layers: str = "paper"
     mask_mode: str = "paper"
-    # optimisation
-    batch_size: int = 1
+    # optimisation: one image per micro-step (the paper's batch 1), gradients of grad_accum micro-steps summed
     grad_accum: int = 4
     weight_decay: float = 1e-2
     lr_schedule: str = "linear"  # linear decay to 0 within each phase, or "constant"
@@ -52,7 +58,11 @@ class CaptureConfig(TrainConfig):
     color_jitter: float = 0.1
     # identity loss
     face_encoder: str | None = None
-    id_landmarks: str = "reference"  # "reference": the pseudo-label's landmarks; "detect": FaceAnalyzer on x0_hat
+    # where the identity loss crops x0_hat: "detect" (the paper, Sec. 3.2, and the authors: a face detector on
+    # x0_hat; the mediapipe FaceAnalyzer here, the loss skipped when it finds no face) or "reference" (the
+    # pseudo-label's landmarks: x0_hat is meant to reproduce the reference image, so its face sits there; works
+    # where no detector can see a face, as in the tiny and toy-world models' images)
+    id_landmarks: str = "detect"
     id_region_decode: bool = True
     # the frozen VAE decoder in the identity / structure losses: auto (bf16 where native) | fp32 | bf16 | fp16
     decode_precision: str = "auto"
@@ -72,12 +82,21 @@ class CaptureConfig(TrainConfig):
 
 PRESETS: dict[str, dict] = {
     "paper": {},
+    # the authors' train_magicapture.sh / magicapture_train.py (../shared/METHODS.md); tests/test_presets.py
     "official": dict(
-        ti_lr=2e-3,  # 5e-4 scaled by gradient accumulation 4
+        ti_lr=2e-3,  # --learning_rate_ti=5e-4 x 4 (--scale_lr: x grad accumulation 4 x batch 1)
+        lora_lr=4e-4,  # --learning_rate_unet=1e-4 x 4
+        text_lora_lr=4e-5,  # --learning_rate_text=1e-5 x 4
+        emb_lr=1e-4,  # --continue_inversion_lr=1e-4
+        ti_weight_decay=0.0,  # --weight_decay_ti=0.000
+        weight_decay=1e-3,  # --weight_decay_lora=0.001
+        grad_accum=1,  # --gradient_accumulation_steps=4 has no effect in either of their loops
+        ti_norm_target=0.4,  # --clip_ti_decay
+        early_ref_comp_weight=2.0,  # their loss: reference and composed doubled in the first half of phase 2
+        id_landmarks="detect",  # RetinaFace on x0_hat
         lora_targets="attn_ff",
         text_lora=True,
-        lambda_id=0.25,
-        weight_decay=1e-3,
+        lambda_id=0.25,  # --lambda_arc=0.25
         lora_t_max=800,
         id_pass="separate",
         mask_mode="official",
@@ -95,6 +114,7 @@ PRESETS: dict[str, dict] = {
         lr_schedule="constant",
         face_encoder="tiny",
         dino_model="tiny",
+        id_landmarks="reference",  # no detector finds a face in the tiny / toy models' images
     ),
 }
 
@@ -120,5 +140,9 @@ def validate(cfg: CaptureConfig) -> None:
         raise UserError("id_pass must be 'shared' or 'separate'")
     if cfg.v1 == cfg.v2:
         raise UserError("the identity and style tokens must differ")
-    if cfg.grad_accum < 1 or cfg.batch_size < 1:
-        raise UserError("batch size and gradient accumulation must be >= 1")
+    if cfg.grad_accum < 1:
+        raise UserError("gradient accumulation must be >= 1")
+    if cfg.id_landmarks not in ("detect", "reference"):
+        raise UserError("id_landmarks must be 'detect' or 'reference'")
+    if cfg.ti_norm_target is not None and not cfg.ti_norm_target > 0:
+        raise UserError("ti_norm_target must be > 0 (or None: off)")

@@ -35,7 +35,7 @@ from ...training.lora import add_lora, lora_config, lora_parameters
 from ...training.personalize import ConceptSampler, add_concept_tokens, encode_prompt
 from ...training.runs import RunDir
 from ...training import prompts as P
-from ...training.loop import Phase, StepOutput
+from ...training.loop import Phase, StepOutput, Term
 from . import config as C
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class MagiCapture:
     def phases(self) -> list[Phase]:
         cfg = self.cfg
         return [
-            Phase("textual_inversion", cfg.ti_steps, self._setup_ti, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip),
+            Phase("textual_inversion", cfg.ti_steps, self._setup_ti, cfg.lr_schedule, cfg.ti_weight_decay,
+                  cfg.grad_clip),
             Phase("lora", cfg.lora_steps, self._setup_lora, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip),
         ]
 
@@ -105,8 +106,11 @@ class MagiCapture:
             if cfg.text_lora and not getattr(te, "peft_config", None):
                 add_lora(te, lora_config("text_attn", cfg.lora_rank, cfg.lora_alpha))
         unet.to(self.device), te.to(self.device)
-        params = lora_parameters(unet) + (lora_parameters(te) if cfg.text_lora else [])
-        return [{"params": params, "lr": cfg.lora_lr}, {"params": [self.embedding.rows], "lr": cfg.emb_lr}]
+        groups = [{"params": lora_parameters(unet), "lr": cfg.lora_lr},
+                  {"params": [self.embedding.rows], "lr": cfg.emb_lr}]
+        if cfg.text_lora:
+            groups.append({"params": lora_parameters(te), "lr": cfg.text_lora_lr})
+        return groups
 
     # ------------------------------------------------------------------ data
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,19 +136,20 @@ class MagiCapture:
 
     # ------------------------------------------------------------------ one micro-step
     def micro_step(self, phase: str, step: int) -> StepOutput:
+        """One task drawn in equal proportion; the loss is ``sum(weight * value)`` over ``StepOutput.record``."""
         cfg = self.cfg
         tasks = TASKS_TI if phase == "textual_inversion" else (TASKS_LORA if cfg.use_composed else TASKS_TI)
         task = tasks[int(torch.randint(len(tasks), (1,), generator=self.generator))]
-        concept = "source" if task == "source" else "reference"
+        concept = "source" if task == "source" else "reference"  # Eq. 6: the reference image is the pseudo-label
         z0, face, lm, box, index = self._draw(concept)
         size = self.latent_size
         face_lat = downsample_mask(face, size)  # nearest, as the authors do (METHODS.md)
         if task == "source":
-            mask = face_lat  # Eq. 4: face region of the source
+            mask, mask_kind = face_lat, "face"  # Eq. 4: face region of the source
         elif cfg.mode == "object" and task == "reference":
-            mask = torch.ones_like(face_lat)  # supplement: reference reconstructed without a mask
+            mask, mask_kind = torch.ones_like(face_lat), "none"  # supplement: reference reconstructed without a mask
         else:
-            mask = 1 - face_lat  # Eqs. 5, 6: non-face region of the reference
+            mask, mask_kind = 1 - face_lat, "non-face"  # Eqs. 5, 6: non-face region of the reference
         t_max = cfg.ti_t_max if phase == "textual_inversion" else cfg.lora_t_max
         use_id = (task == "composed" and self.source_identity is not None and bool(torch.isfinite(box).all()))
         use_structure = task == "composed" and self.dino is not None and phase == "lora"
@@ -153,27 +158,34 @@ class MagiCapture:
         noise = torch.randn(z0.shape, generator=self.generator).to(z0)
         t = torch.randint(0, t_max, (z0.shape[0],), generator=self.generator).to(self.device)
         z_t = self.comps.scheduler.add_noise(z0, noise, t.cpu()).to(z0)
-        emb, positions = self._encode_prompt(self._prompt(task))
+        prompt = self._prompt(task)
+        emb, positions = self._encode_prompt(prompt)
+        tokens = tuple(tok for k, tok in enumerate(cfg.tokens()) if int(positions[0, k]) >= 0)
         self.store.reset()
         self.store.token_index = positions
         pred = self.comps.unet(z_t, t, emb).sample
         target = noise if self.comps.prediction_type == "epsilon" else self.comps.scheduler.get_velocity(z0, noise, t.cpu())
+        # authors (official preset): reference and composed losses count double in the first half of phase 2
+        early = phase == "lora" and step - cfg.ti_steps < cfg.lora_steps // 2 and task != "source"
+        w_task = cfg.early_ref_comp_weight if early else 1.0
+        where = dict(concept=concept, index=index, tokens=tokens, prompt=prompt, t=t, t_range=(0, t_max))
+        record: dict[str, Term] = {}
+        terms: dict[str, float] = {}
         if use_structure:  # Eq. 11 replaces the pseudo-label reconstruction for general objects
-            loss, terms = self._structure_style(z_t, pred, t, index)
+            record.update(self._structure_style(z_t, pred, t, index, w_task, where))
         else:
             rec = masked_denoising_loss(pred, target, mask, cfg.mask_mode)
-            terms = {f"loss_{task}": rec.item()}
-            loss = rec
+            record[task] = Term(rec, w_task, mask=mask, mask_kind=mask_kind, **where)
 
         # Attention Refocusing (Eq. 8): which token is held to which mask in this task
         maps = stack_token_maps(self.store, size)  # (L, B, heads, S, S, K)
-        targets = {"source": [(0, face_lat)], "reference": [(1, 1 - face_lat)],
-                   "composed": [(0, face_lat), (1, 1 - face_lat)]}[task]
+        targets = {"source": [(0, face_lat, "face")], "reference": [(1, 1 - face_lat, "non-face")],
+                   "composed": [(0, face_lat, "face"), (1, 1 - face_lat, "non-face")]}[task]
         if cfg.mode == "object":
             # the style token has no spatial target for objects, nor the object token on a reference image
-            targets = [] if task == "composed" else [(k, m) for k, m in targets if k == 0]
+            targets = [] if task == "composed" else [(k, m, kind) for k, m, kind in targets if k == 0]
         ar_terms = []
-        for k, m in targets:
+        for k, m, kind in targets:
             if int(positions[0, k]) < 0 or m.sum() == 0 or (1 - m).sum() == 0:
                 continue  # token absent, or an empty/full mask (a faceless reference): nothing to measure
             token_maps = maps[..., k]
@@ -181,11 +193,12 @@ class MagiCapture:
             terms[f"attn_spill_{name}"] = attention_spill(token_maps.detach(), m).mean().item()
             terms[f"attn_outside_{name}"] = attention_outside(token_maps.detach(), m).mean().item()
             if phase == "lora" and cfg.use_ar:
-                ar_terms.append(attention_refocusing_loss(token_maps, m))
+                ar_terms.append((f"attn_{name}", attention_refocusing_loss(token_maps, m), m, kind, cfg.tokens()[k]))
+        for name, value, m, kind, tok in ar_terms:  # L_attn = the mean over the tokens of this task
+            record[name] = Term(value, cfg.lambda_attn / len(ar_terms), mask=m, mask_kind=kind, tokens=(tok,),
+                                **{k: v for k, v in where.items() if k != "tokens"})
         if ar_terms:
-            l_attn = torch.stack(ar_terms).mean()
-            loss = loss + cfg.lambda_attn * l_attn
-            terms["loss_attn"] = l_attn.item()
+            terms["loss_attn"] = torch.stack([v for _, v, *_ in ar_terms]).mean().item()
 
         # Identity loss (Eq. 7) on the composed task
         if use_id and phase == "lora":
@@ -200,16 +213,33 @@ class MagiCapture:
                 z_id, t_id, out_id = z_t, t, pred
             z0_hat = tweedie_x0(z_id, out_id, self.alphas_cumprod, t_id, self.comps.prediction_type)
             l_id = self._identity(z0_hat, lm, box)
-            if l_id is not None:
-                loss = loss + cfg.lambda_id * l_id
-                terms["loss_id"] = l_id.item()
+            if l_id is not None:  # the target is the source identity; the crop comes from the pseudo-label's face
+                record["id"] = Term(l_id, cfg.lambda_id, concept="source", index=index, tokens=tokens, prompt=prompt,
+                                    t=t_id, t_range=(0, cfg.t_id_max))
+        loss = sum(term.weight * term.value for term in record.values())
+        for name, term in record.items():
+            terms[{"attn_v1": "loss_attn_v1", "attn_v2": "loss_attn_v2"}.get(name, f"loss_{name}")] = term.value.item()
         terms["loss"] = loss.item()
-        return StepOutput(loss, terms, task)
+        return StepOutput(loss, terms, task, record)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, phase: str, lr: float) -> None:
+        """Authors' ``--clip_ti_decay`` (official preset): in phase 1 each new embedding's norm moves toward
+        ``ti_norm_target`` by ``min(1, 100 lr)`` of the gap, its direction kept."""
+        target = self.cfg.ti_norm_target
+        if phase != "textual_inversion" or target is None:
+            return
+        rows = self.embedding.rows
+        norm = rows.norm(dim=-1, keepdim=True)
+        lam = min(1.0, 100 * lr)
+        rows.copy_(F.normalize(rows, dim=-1) * (norm + lam * (target - norm)))
 
     # ------------------------------------------------------------------ general objects (Eq. 11)
-    def _structure_style(self, z_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, ref_index: int):
+    def _structure_style(self, z_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, ref_index: int,
+                         w_task: float, where: dict) -> dict[str, Term]:
         """lambda_ssim L_ssim + lambda_contra L_contra + lambda_style L_style on the decoded Tweedie estimate:
-        structure (DINO keys) against a random source image, style (DINO [CLS]) against the drawn reference."""
+        structure (DINO keys) against a random source image, style (DINO [CLS]) against the drawn reference.
+        Returns the three terms (each weight times ``w_task``)."""
         cfg = self.cfg
         z0_hat = tweedie_x0(z_t, pred, self.alphas_cumprod, t, self.comps.prediction_type)
         image = self._decode(z0_hat)
@@ -221,10 +251,10 @@ class MagiCapture:
         l_ssim = self_similarity_loss(keys_gen, keys_src)
         l_contra = patch_contrastive_loss(keys_gen, keys_src, generator=self.generator)
         l_style = style_cls_loss(cls_gen, cls_ref)
-        loss = cfg.lambda_ssim * l_ssim + cfg.lambda_contra * l_contra + cfg.lambda_style * l_style
-        terms = {"loss_composed": loss.item(), "loss_ssim": l_ssim.item(), "loss_contra": l_contra.item(),
-                 "loss_style": l_style.item()}
-        return loss, terms
+        structure = {**where, "concept": "source", "index": k}
+        return {"ssim": Term(l_ssim, w_task * cfg.lambda_ssim, mask_kind="none", **structure),
+                "contra": Term(l_contra, w_task * cfg.lambda_contra, mask_kind="none", **structure),
+                "style": Term(l_style, w_task * cfg.lambda_style, mask_kind="none", **where)}
 
     # ------------------------------------------------------------------ identity
     def _face_region(self, box: torch.Tensor, landmarks: torch.Tensor | None = None) -> tuple[int, int, int, int]:

@@ -244,7 +244,8 @@ class MagicFaceSampler:
     @torch.no_grad()
     def sample(self, seed: int, keep_masks: bool = False, progress: bool = False):
         """Generate one image from ``seed``; returns it and the segmentations ((S, S) long tensors, concept index or
-        -1): of every step with ``keep_masks``, else of the steps whose maps RBA used."""
+        -1): of every step with ``keep_masks``, else of the steps whose maps RBA used. ``self.schedule`` then holds,
+        per step, its timestep, the mode set and what the replaced layers ran (``MagicFaceState.ran``)."""
         unet, vae, st, store = self.comps.unet, self.comps.vae, self.state, self.store
         device, dtype = unet.device, unet.dtype
         sched = self.comps.inference_scheduler("ddim")
@@ -254,6 +255,7 @@ class MagicFaceSampler:
         ref_z0 = self.ref_latents.to(device, dtype)
         n_rsa = round(self.alpha * self.steps)
         st.assignment, segmentations = None, []
+        self.schedule: list[dict] = []
         timesteps = sched.timesteps
         if progress:
             from tqdm.auto import tqdm
@@ -267,7 +269,9 @@ class MagicFaceSampler:
             st.mode = "rsa" if i < n_rsa else "rba"
             store.reset()
             store.active = keep_masks or n_rsa - 1 <= i < self.steps - 1  # maps for the next step's RBA
+            st.ran = []
             eps = unet(x, t, encoder_hidden_states=self.embeddings.to(device, dtype)).sample
+            self.schedule.append({"step": i, "t": int(t), "mode": st.mode, "ran": list(st.ran)})
             eps_t = eps[st.target:st.target + 1]
             if st.target:
                 eps_t = eps[:1] + self.guidance * (eps_t - eps[:1])
