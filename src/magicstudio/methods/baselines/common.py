@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UserError
-from ...io import write_json
+from ...io import atomic_write, write_json
 from ..concepts import ConceptSet
 from ..magicapture import config as MC
 from ..personalize import ConceptSampler, add_concept_tokens, encode_prompt
@@ -267,7 +267,8 @@ class Baseline(ABC):
         g = torch.Generator().manual_seed(self.cfg.seed)
         images = pipe(self.composed_prompt(), num_images_per_prompt=n, num_inference_steps=self.cfg.sample_steps,
                       height=self.cfg.resolution, width=self.cfg.resolution, generator=g, guidance_scale=7.5).images
-        image_grid(images).save(run.samples / f"step-{step:06d}.png")
+        grid = image_grid(images)
+        atomic_write(run.samples / f"step-{step:06d}.png", lambda p: grid.save(p, format="PNG"))
 
     @abstractmethod
     def export(self, run: RunDir) -> None:
@@ -299,25 +300,25 @@ def default_device() -> torch.device:
 def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: BaselineConfig, resume: bool = False,
                  progress: bool = True, device: str | None = None) -> RunDir:
     """Train ``method_cls`` into the run folder ``out`` (``resume`` continues an unfinished one)."""
-    from ..personalize import open_run
+    from ..personalize import held_run, open_run
     from ..training import train
 
     opened = open_run(source, reference, out, cfg, resume, progress)
     if opened is None:
         return RunDir(out)
     run, cfg, comps, source_set, reference_set = opened
-    device = device or default_device()
-    comps.to(device)
-    class_set = None
-    if cfg.prior:
-        root = Path(cfg.class_dir) if cfg.class_dir else run.path / "class_images"
-        class_set = images_as_concept(ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress),
-                                      cfg.resolution)
-    run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()}
-                     | method_cls.run_config)
-    method = method_cls(cfg, comps, source_set, reference_set, class_set, device)
-    train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
-          keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
-          mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
-          deterministic=cfg.deterministic)
+    with held_run(run):
+        device = device or default_device()
+        comps.to(device)
+        class_set = None
+        if cfg.prior:
+            root = Path(cfg.class_dir) if cfg.class_dir else run.path / "class_images"
+            class_set = images_as_concept(ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress),
+                                          cfg.resolution)
+        run.write_config(asdict(cfg) | run.inputs | {"tokens": cfg.tokens()} | method_cls.run_config)
+        method = method_cls(cfg, comps, source_set, reference_set, class_set, device)
+        train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
+              keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
+              mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
+              deterministic=cfg.deterministic)
     return run

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg: CaptureConfig, resume: bool = False,
                  progress: bool = True) -> RunDir:
     from ...models.face_encoder import load_face_encoder
-    from ..personalize import open_run, process_device
+    from ..personalize import held_run, open_run, process_device
     from ..training import train
     from .train import MagiCapture
 
@@ -34,16 +34,17 @@ def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg
     if opened is None:
         return RunDir(out)
     run, cfg, comps, source_set, reference_set = opened
-    encoder = load_face_encoder(cfg.face_encoder) if (cfg.use_id and cfg.mode == "portrait") else None
-    run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()})
-    device = process_device()
-    if encoder is not None:
-        encoder.to(device)
-    method = MagiCapture(cfg, comps, source_set, reference_set, encoder, device=device)
-    train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
-          keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
-          mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
-          deterministic=cfg.deterministic)
+    with held_run(run):
+        encoder = load_face_encoder(cfg.face_encoder) if (cfg.use_id and cfg.mode == "portrait") else None
+        run.write_config(asdict(cfg) | run.inputs | {"tokens": cfg.tokens()})
+        device = process_device()
+        if encoder is not None:
+            encoder.to(device)
+        method = MagiCapture(cfg, comps, source_set, reference_set, encoder, device=device)
+        train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
+              keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
+              mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
+              deterministic=cfg.deterministic)
     return run
 
 
