@@ -37,7 +37,7 @@ def evaluate(
                                        "sa_0_4_vit_l_14_linear.pth)."),
     training_face_encoder: Optional[str] = typer.Option(
         None, "--training-face-encoder", help="Face encoder used by training's identity loss (warns if CSIM uses it)."),
-    out: Path = typer.Option(Path("report.json"), "--out", "-o", help="report.json path; report.md goes next to it."),
+    out: Path = typer.Option(Path("report.json"), "--out", "-o", help="report.json path; report.md goes next to it (report-2.json/.md, ... when taken)."),
 ) -> None:
     """Score generated images against the source (identity) and reference (style) images."""
     for flag, folder in (("--generated", generated), ("--source", source), ("--reference", reference)):
@@ -45,7 +45,7 @@ def evaluate(
             raise UserError(f"{flag} {folder}: not found")
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder; give the report's file name, e.g. {out / 'report.json'}")
-    from ..evaluation import evaluate_images, load_prompts, write_report
+    from ..evaluation import evaluate_images, load_prompts, write_new_report
 
     prompt_spec = None
     report_files = {out.with_suffix(".json").resolve(), out.with_suffix(".md").resolve()}
@@ -62,7 +62,7 @@ def evaluate(
         generated, source, reference, prompts=prompt_spec, metrics=metrics, face_backend=face_backend,
         clip_model=clip_model, dino_model=dino_model, aesthetic_head=aesthetic_head,
         training_face_encoder=training_face_encoder)
-    json_path, md_path = write_report(report, out)
+    json_path, md_path = write_new_report(report, out)  # never over a file already there
     for metric, s in report["summary"].items():
         if "error" in s:
             typer.echo(f"{metric:>10}: unavailable: {s['error']}")

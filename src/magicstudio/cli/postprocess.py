@@ -40,16 +40,17 @@ def _gather(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     return unique, problems
 
 
-def _output_path(src: Path, out: Path, taken: set[Path], inputs: set[Path]) -> Path:
-    """``out/<stem>.png``, numbered ``<stem>-2.png``... when an output of this run, an input or any existing file
-    already has that name: nothing already in ``out`` is overwritten."""
-    candidate = out / f"{src.stem}.png"
-    n = 2
-    while candidate.resolve() in taken or candidate.resolve() in inputs or candidate.exists():
-        candidate = out / f"{src.stem}-{n}.png"
+def _output_names(src: Path, out: Path, taken: set[Path], inputs: set[Path]):
+    """``<stem>.png``, ``<stem>-2.png``, ...: the candidate names in ``out`` for ``src``, skipping an output of this
+    run or an input. Which one is free is decided when the file is written (``io.write_new``, exclusively), so
+    nothing in ``out`` is overwritten, not even by another postprocess writing there at the same time."""
+    n = 1
+    while True:
+        name = f"{src.stem}.png" if n == 1 else f"{src.stem}-{n}.png"
         n += 1
-    taken.add(candidate.resolve())
-    return candidate
+        candidate = (out / name).resolve()
+        if candidate not in taken and candidate not in inputs:
+            yield name
 
 
 def _quote(value: str) -> str:
@@ -63,10 +64,10 @@ def _with_postprocess(parameters: str, summary: str) -> str:
     return f"{text}, Postprocess: {_quote(summary)}" if text else f"Postprocess: {_quote(summary)}"
 
 
-def _save(image, path: Path, texts: dict[str, str], icc: bytes | None) -> None:
+def _save(image, out: Path, names, texts: dict[str, str], icc: bytes | None) -> Path:
     from PIL import PngImagePlugin
 
-    from ..io import atomic_write
+    from ..io import write_new
 
     info = PngImagePlugin.PngInfo()
     for key, value in texts.items():
@@ -74,7 +75,7 @@ def _save(image, path: Path, texts: dict[str, str], icc: bytes | None) -> None:
     kwargs = {"pnginfo": info}
     if icc:
         kwargs["icc_profile"] = icc
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", **kwargs))
+    return write_new(out, names, lambda tmp: image.save(tmp, format="PNG", **kwargs))
 
 
 @app.command("postprocess")
@@ -142,8 +143,8 @@ def postprocess_cmd(
                 if "parameters" in texts:
                     texts["parameters"] = _with_postprocess(texts["parameters"], summary)
                 texts["postprocess"] = summary
-                dest = _output_path(src, out, taken, inputs_resolved)
-                _save(result, dest, texts, icc)
+                dest = _save(result, out, _output_names(src, out, taken, inputs_resolved), texts, icc)
+                taken.add(dest.resolve())
             except (UserError, OSError, ValueError, RuntimeError, MemoryError) as exc:
                 reason = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {exc}"
                 reason = " ".join(reason.split())  # one line

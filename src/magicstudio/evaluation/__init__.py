@@ -3,7 +3,7 @@ DINO, Face-sim, DreamSim. ``evaluate_images`` computes them, ``write_report`` wr
 
 from .metrics import (DEFAULT_METRICS, METRICS, clean_prompt, clear_model_cache, evaluate_images, load_prompts,
                       parse_metrics)
-from .report import summarise, write_report
+from .report import summarise, write_new_report, write_report
 
 __all__ = ["DEFAULT_METRICS", "METRICS", "clean_prompt", "clear_model_cache", "evaluate_images", "load_prompts",
-           "parse_metrics", "summarise", "write_report"]
+           "parse_metrics", "summarise", "write_new_report", "write_report"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import UserError
 from ..io import atomic_write, write_json
 
 #: what each metric measures, for the markdown report (direction: higher is better unless said)
@@ -87,3 +89,31 @@ def write_report(report: dict[str, Any], out_json: str | os.PathLike) -> tuple[P
     text = markdown(report)
     atomic_write(md, lambda p: p.write_text(text))
     return out_json, md
+
+
+def write_new_report(report: dict[str, Any], out_json: str | os.PathLike) -> tuple[Path, Path]:
+    """``write_report`` that never replaces a file: ``out_json`` and its ``.md`` companion, else ``<stem>-2.json`` /
+    ``<stem>-2.md``, ... (both names free, each claimed exclusively as it is written)."""
+    from ..io import write_new
+
+    out_json = Path(out_json)
+    if out_json.suffix.lower() != ".json":
+        out_json = out_json.with_name(out_json.name + ".json")
+    folder, stem = out_json.parent, out_json.stem
+    data = json.dumps(report, indent=2, sort_keys=False, default=str) + "\n"
+    text = markdown(report)
+    for n in range(1, 10_000):
+        name = stem if n == 1 else f"{stem}-{n}"
+        if (folder / f"{name}.json").exists() or (folder / f"{name}.md").exists():
+            continue
+        try:
+            json_path = write_new(folder, [f"{name}.json"], lambda p: p.write_text(data))
+        except FileExistsError:
+            continue
+        try:
+            md_path = write_new(folder, [f"{name}.md"], lambda p: p.write_text(text))
+        except FileExistsError:
+            json_path.unlink()
+            continue
+        return json_path, md_path
+    raise UserError(f"no free report name next to {out_json}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -98,6 +99,8 @@ def load_base(model: str = "tiny", dtype: torch.dtype | None = None, seed: int =
             raise UserError(f"{path} is a folder but not a diffusers model (no model_index.json)")
         try:
             return _from_folder_or_hub(str(path), dtype, local_only=True)
+        except pickle.UnpicklingError as exc:  # a pickled component torch's weights-only loader refused
+            raise _folder_pickle_error(path, exc) from None
         except (OSError, ValueError, EnvironmentError) as exc:
             raise UserError(f"{path} is not a complete Stable Diffusion folder: {str(exc).splitlines()[0]}") from None
     if path.suffix in SINGLE_FILE_SUFFIXES or path.exists():
@@ -117,6 +120,19 @@ def load_base(model: str = "tiny", dtype: torch.dtype | None = None, seed: int =
             f"could not load {model!r} from the hub or the local cache ({first}); without internet, "
             f"pass a local diffusers folder or a .safetensors checkpoint, or use --model tiny"
         ) from None
+
+
+def _folder_pickle_error(folder: Path, exc: BaseException) -> UserError:
+    """The one-line reason a diffusers folder's pickled weights were refused, naming the file (read again here
+    with ``read_pickle``, weights-only: nothing in it runs). Never torch's advice to pass ``weights_only=False``."""
+    for sub in ("text_encoder", "unet", "vae"):
+        for f in sorted((folder / sub).glob("*")):
+            if f.suffix in (".bin", ".pt", ".pth", ".ckpt") and f.is_file():
+                try:
+                    read_pickle(f, mmap=True)
+                except UserError as refused:
+                    return refused
+    return UserError(f"{folder}: a pickled weights file was refused as unsafe: it needs code to unpickle")
 
 
 def _check_checkpoint(path: Path) -> None:

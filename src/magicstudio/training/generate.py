@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..io import clean_temp_files, folder_lock
 from ..models.base import load_base
 from .export import LORA_FILE, embedding_name, load_run_into_pipeline
 from .runs import RunDir
@@ -108,7 +109,15 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
         if bad not in tokens:
             raise UserError(f"the prompt names {bad}, which this run did not learn (it has {', '.join(tokens)})")
     size = size or int(cfg.get("resolution") or 512)
-    out = _output_folder(Path(out_dir or Path(run_dir) / "generated"))
+    with folder_lock(run_dir, "run folder"):  # one process generates from (and into) a run at a time
+        out = _output_folder(Path(out_dir or Path(run_dir) / "generated"))
+        clean_temp_files(out)
+        return _generate(pipe, cfg, tokens, run_dir, out, prompt, negative, num_images, seed, steps, guidance,
+                         scheduler, save_attention, size, upscale, sr, restorer, fidelity, restore_weights, post)
+
+
+def _generate(pipe, cfg, tokens, run_dir, out, prompt, negative, num_images, seed, steps, guidance, scheduler,
+              save_attention, size, upscale, sr, restorer, fidelity, restore_weights, post) -> list[Path]:
     token_ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in tokens]
     paths = []
     for i in range(num_images):

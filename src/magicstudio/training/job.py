@@ -22,19 +22,19 @@ def run_method(source: str | Path, reference: str | Path, out: str | Path, cfg, 
                resume: bool = False, progress: bool = True, device=None) -> RunDir:
     """Train the method ``setup`` makes into the run folder ``out`` (``resume`` continues an unfinished one)."""
     from .loop import train
-    from .personalize import open_run, process_device
+    from .personalize import held_run, open_run, process_device
 
     opened = open_run(source, reference, out, cfg, resume, progress)
     if opened is None:
         return RunDir(out)
     run, cfg, comps, source_set, reference_set = opened
-    device = device or process_device()
-    build, extra = setup(run, cfg, comps, source_set, reference_set, device)
-    run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()}
-                     | dict(extra))
-    method = build()
-    train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
-          keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
-          mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
-          deterministic=cfg.deterministic)
+    with held_run(run):  # the run folder's lock, held until the outputs are written
+        device = device or process_device()
+        build, extra = setup(run, cfg, comps, source_set, reference_set, device)
+        run.write_config(asdict(cfg) | run.inputs | {"tokens": cfg.tokens()} | dict(extra))
+        method = build()
+        train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
+              keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,
+              mixed_precision=cfg.mixed_precision, log_every=cfg.log_every, progress=progress,
+              deterministic=cfg.deterministic)
     return run

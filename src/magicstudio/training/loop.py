@@ -208,10 +208,8 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                     with accelerator.autocast():
                         out = method.micro_step(phase.name, step)
                     if not torch.isfinite(out.loss.detach()):
-                        last = run.latest_checkpoint()
-                        where = f"; the last good checkpoint is {last[1]} (resume with --resume)" if last else ""
-                        raise TrainingDiverged(f"loss became {out.loss.item()} at step {step} ({phase.name}, task "
-                                               f"{out.task}); stopping{where}. Try a lower learning rate.")
+                        raise _diverged(run, f"loss became {out.loss.item()} at step {step + 1} ({phase.name}, "
+                                             f"task {out.task})")
                     accelerator.backward(out.loss / grad_accum)
                     tasks.append(out.task)
                     for k, v in out.terms.items():
@@ -219,7 +217,13 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                         terms_n[k] = terms_n.get(k, 0) + 1
                 if phase.grad_clip:
                     accelerator.clip_grad_norm_(params, phase.grad_clip)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # e.g. lr 1e38: "value cannot be converted to type float without overflow"
+                    if "overflow" not in str(exc):
+                        raise
+                    raise _diverged(run, f"the update overflowed at step {step + 1} ({phase.name}, learning rate "
+                                         f"{optimizer.param_groups[0]['lr']:g})") from None
                 after = getattr(method, "after_optimizer_step", None)
                 if after is not None:  # e.g. MagiCapture official: embedding norms pulled toward 0.4 in phase 1
                     after(phase.name, optimizer.param_groups[0]["lr"])
@@ -238,6 +242,7 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                                 writer.add_scalar(f"{phase.name}/{k}", v, step)
                     bar.update(step, f"{phase.name} loss {record.get('loss', float('nan')):.4f}")
                     if checkpoint_every and (step % checkpoint_every == 0 or step == total):
+                        _check_trainable(method, run, step, phase.name)  # a non-finite state is never saved
                         run.save_checkpoint(step, {
                             "step": step, "phase": phase.name,
                             "trainable": method.trainable_state(),
@@ -251,8 +256,25 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
         if writer is not None:
             writer.close()
     if accelerator.is_main_process:
+        _check_trainable(method, run, step, phases[-1].name)
         _finish(method, run, total)
     return step - first
+
+
+def _diverged(run: RunDir, what: str) -> TrainingDiverged:
+    """The divergence message: what happened (steps counted from 1, as in metrics.jsonl) and the last checkpoint,
+    which is always finite (a non-finite state is never saved)."""
+    last = run.latest_checkpoint()
+    where = (f"; the last checkpoint, all finite, is {last[1]} (step {last[0]}; continue from it with --resume)"
+             if last else "; no checkpoint was written before it")
+    return TrainingDiverged(f"training diverged: {what}; stopping{where}. Try a lower learning rate.")
+
+
+def _check_trainable(method, run: RunDir, step: int, phase: str) -> None:
+    """TrainingDiverged when a trainable value is NaN or infinite (the loss may still look finite)."""
+    for key, value in method.trainable_state().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise _diverged(run, f"the trainable weights became non-finite ({key!r}) by step {step} ({phase})")
 
 
 def _finish(method, run: RunDir, total: int) -> None:

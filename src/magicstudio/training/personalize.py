@@ -9,6 +9,7 @@ on one prompt and says where each placeholder token sits in it.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -156,21 +157,76 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed {seed} is out of range (|seed| < 2**63)")
 
 
+#: settings a resumed run may take from the resuming command: they change when and what is logged, saved or
+#: sampled, or how memory is traded for time (the same arithmetic), never the weights
+RESUME_SAFE = frozenset({"checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps", "log_every",
+                         "gradient_checkpointing", "decode_checkpointing"})
+
+
 def open_run(source, reference, out, cfg, resume: bool = False, progress: bool = True):
     """Everything a personalisation run does before its method exists, the same for every method.
 
-    Refuses to overwrite a run (finished, or unfinished without ``resume``); on resume the run's saved settings
-    win; loads the base model, resolves the resolution, prepares the photo folders (cached in the run) and loads
+    Takes the run folder's lock (held until ``close_run``; a second process is refused with the holder's pid);
+    refuses to overwrite a run (finished, or unfinished without ``resume``); on resume refuses other photos or
+    settings that would change the result (naming them) and takes the safe ones (``RESUME_SAFE``), saying so;
+    loads the base model, resolves the resolution, prepares the photo folders (cached in the run) and loads
     them as ``ConceptSet``s. Returns ``(run, cfg, comps, source_set, reference_set)``, or None when ``resume``
-    finds the run already finished.
+    finds the run already finished. A start refused before ``config.yaml`` leaves no folder behind.
     """
-    from ..models.base import load_base
-    from .concepts import load_concept
     from .runs import RunDir
 
     run = RunDir(out)
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--out {run.path} is a file, not a folder")
+    if resume and not run.path.is_dir():
+        raise UserError(f"nothing to resume in {run.path}: no run was started there (leave out --resume to start one)")
+    if not run.config_path.exists():
+        foreign = run.foreign_entries()
+        if foreign:
+            raise UserError(f"--out {run.path} already holds other files ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder (nothing was written)")
+        if not resume:
+            check_run_settings(cfg)  # before the folder exists
+    run.created = not run.path.exists()
+    run.lock()
+    try:
+        opened = _open_locked(run, source, reference, cfg, resume, progress)
+    except BaseException:
+        close_run(run, failed=run.created)
+        raise
+    if opened is None:
+        close_run(run)
+    return opened
+
+
+def close_run(run, failed: bool = False) -> None:
+    """Release the run folder's lock; ``failed`` (a start refused in a folder it made): remove the folder unless
+    the run got as far as its config.yaml."""
+    import shutil
+
+    try:
+        if failed and run.path.is_dir() and not run.config_path.exists():
+            shutil.rmtree(run.path, ignore_errors=True)
+    finally:
+        run.unlock()
+
+
+@contextmanager
+def held_run(run):
+    """The rest of a run's work (config, training, exports) under the lock ``open_run`` took; ``close_run`` after."""
+    try:
+        yield run
+    except BaseException:
+        close_run(run, failed=getattr(run, "created", False))
+        raise
+    close_run(run)
+
+
+def _open_locked(run, source, reference, cfg, resume, progress):
+    from ..models.base import load_base
+    from .concepts import load_concept
+    from .runs import folder_fingerprint
+
     if run.is_done():
         if resume:
             print(f"{run.path} has already finished training; nothing to resume.")
@@ -180,23 +236,20 @@ def open_run(source, reference, out, cfg, resume: bool = False, progress: bool =
     if started and not resume:
         raise UserError(f"{run.path} holds an unfinished run; pass --resume to continue it, or choose another --out")
     if resume and not started:
-        if not run.config_path.exists():
-            raise UserError(f"nothing to resume in {run.path}: no run was started there (leave out --resume to start one)")
         log.warning("%s has no checkpoint yet: starting it again with this command's settings", run.path)
-    foreign = run.foreign_entries() if not run.config_path.exists() else []
-    if foreign:
-        raise UserError(f"--out {run.path} already holds other files ({', '.join(foreign[:3])}"
-                        f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder (nothing was written)")
-    if started:  # the run's own settings win; say which of this command's differ
+    inputs = {}
+    for role, folder in (("source", source), ("reference", reference)):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"{role} folder not found: {folder}" if not folder.exists()
+                            else f"{role}: {folder} is a file, not a folder of photos")
+        inputs[role] = str(folder)
+        inputs[f"{role}_sha256"] = folder_fingerprint(folder)
+    if started:  # continue the same run, or refuse with the difference named
         saved = run.read_config()
-        mine = asdict(cfg)
-        ignored = [f"{k}={mine[k]!r} (saved: {v!r})" for k, v in saved.items()
-                   if k in mine and mine[k] is not None and mine[k] != v]
-        if ignored:
-            log.warning("--resume continues with the run's saved settings; not used: %s", ", ".join(ignored))
-        cfg = replace(cfg, **{k: v for k, v in saved.items() if k in mine})
+        cfg = _resume_settings(run, saved, cfg, inputs)
     check_run_settings(cfg)
-    run.create()
+    run.inputs = inputs  # written into config.yaml by the method (see ``run_config``)
     comps = load_base(cfg.model)
     cfg = replace(cfg, resolution=cfg.resolution or comps.resolution)
     if cfg.resolution % comps.vae_scale:
@@ -205,6 +258,32 @@ def open_run(source, reference, out, cfg, resume: bool = False, progress: bool =
     src_dir = prepared_dir(source, "source", run.path / "prepared", prep_size, progress)
     ref_dir = prepared_dir(reference, "reference", run.path / "prepared", prep_size, progress)
     return run, cfg, comps, load_concept(src_dir, cfg.resolution), load_concept(ref_dir, cfg.resolution)
+
+
+def _resume_settings(run, saved: dict, cfg, inputs: dict):
+    """The config a resumed run continues with: the saved one, plus this command's ``RESUME_SAFE`` settings.
+    UserError naming every other difference (photos, base model, steps, learning rates, ...)."""
+    mine = asdict(cfg)
+    diffs = []
+    for role in ("source", "reference"):
+        old = saved.get(f"{role}_sha256")
+        if old is None:  # a run folder from before fingerprints: the folder name is all there is
+            log.warning("%s does not record its %s photos' checksum; cannot check that --%s holds the same photos",
+                        run.path, role, role)
+        elif old != inputs[f"{role}_sha256"]:
+            diffs.append(f"--{role} {inputs[role]} holds other photos than the run's ({saved.get(role)})")
+    changed = {k: (mine[k], v) for k, v in saved.items() if k in mine and mine[k] is not None and mine[k] != v}
+    unsafe = {k: d for k, d in changed.items() if k not in RESUME_SAFE}
+    diffs += [f"{k}={new!r} (the run: {old!r})" for k, (new, old) in unsafe.items()]
+    if diffs:
+        raise UserError(f"--resume continues the run in {run.path} as it was started, but this command differs: "
+                        f"{'; '.join(diffs)}. Resume with the run's inputs and settings (its config.yaml), or "
+                        "start a new run in another --out (nothing was changed)")
+    safe = {k: new for k, (new, old) in changed.items()}
+    if safe:
+        log.warning("resuming %s with %s (safe to change: they do not change the weights)", run.path,
+                    ", ".join(f"{k}={v!r} (was {saved[k]!r})" for k, v in safe.items()))
+    return replace(cfg, **{k: v for k, v in saved.items() if k in mine and k not in safe})
 
 
 def process_device() -> torch.device:

@@ -9,10 +9,14 @@
     RUN/a1111/                             kohya LoRA + A1111 embeddings
     RUN/logs/                              TensorBoard
     RUN/DONE                               written last: the run finished
+    RUN/.magicstudio.lock                  flock held by the process training or generating (its pid inside)
+
+Folders are made when first written to, so a start that is refused leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..io import atomic_write
+from ..io import acquire_lock, atomic_write, check_finite, clean_temp_files, release_lock
 from .state import load_state, save_state
 
 CKPT_PREFIX = "step-"
@@ -35,6 +39,7 @@ RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "samples", "embedd
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.inputs: dict[str, str] = {}  # the photo folders and their checksums (``open_run``), for config.yaml
 
     # -- layout
     @property
@@ -71,9 +76,21 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
 
     def create(self) -> "RunDir":
-        for p in (self.path, self.checkpoints, self.samples, self.embeddings):
-            p.mkdir(parents=True, exist_ok=True)
+        """The run folder itself; ``checkpoints/``, ``samples/``, ``embeddings/`` appear when first written."""
+        self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    # -- lock
+    def lock(self) -> "RunDir":
+        """Take the run folder's exclusive OS lock (creating the folder), or raise a UserError naming the pid that
+        holds it; then remove temporary files a killed process left (only the lock holder may)."""
+        acquire_lock(self.path, "run folder")
+        for folder in (self.path, self.checkpoints, self.embeddings, self.path / "a1111", self.samples):
+            clean_temp_files(folder)
+        return self
+
+    def unlock(self) -> None:
+        release_lock(self.path)
 
     # -- config
     def write_config(self, config: Any) -> None:
@@ -134,6 +151,8 @@ class RunDir:
 
     def save_checkpoint(self, step: int, state: dict, keep: int = 2) -> Path:
         """Write ``checkpoints/step-N`` atomically (temp dir + rename) and keep the last ``keep``."""
+        for key, value in _tensors(state):
+            check_finite({key: value}, f"the checkpoint of step {step}")
         final = self.checkpoints / f"{CKPT_PREFIX}{step:06d}"
         tmp = self.checkpoints / f".tmp-{CKPT_PREFIX}{step:06d}"
         if tmp.exists():
@@ -152,3 +171,36 @@ class RunDir:
 
     def load_checkpoint(self, path: Path) -> dict:
         return load_state(path / "state")
+
+
+def _tensors(obj, prefix: str = ""):
+    """(dotted key, tensor) of every tensor in a nested state."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 of the photos a run trains on: for a prepared folder its images and masks, for a raw one its image
+    files (name and bytes). The same photos give the same value wherever the folder is."""
+    from ..data.images import list_images
+    from ..data.prepare import MANIFEST
+
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        files = sorted(p for sub in ("images", "masks") for p in (folder / sub).rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
+    else:
+        files = [p for p in list_images(folder) if p.is_file()]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()

@@ -57,12 +57,9 @@ def unused_stem(folder: str | Path, stem: str, files: tuple[str, ...] = ("{}.png
 def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return path
+    from ..io import atomic_write
+
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 class AttentionRecorder:

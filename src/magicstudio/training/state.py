@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..io import atomic_write, load_tensors, save_tensors
 
 _T = "__tensor__"
@@ -67,5 +68,13 @@ def save_state(path_stem: str | Path, state: Any) -> None:
 def load_state(path_stem: str | Path) -> Any:
     stem = Path(path_stem)
     tensors = load_tensors(stem.with_suffix(".safetensors"))
-    skeleton = json.loads(stem.with_suffix(".json").read_text())
-    return _join(skeleton, tensors)
+    path = stem.with_suffix(".json")
+    try:
+        skeleton = json.loads(path.read_text(encoding="utf-8"))
+        return _join(skeleton, tensors)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the checkpoint is incomplete; delete {stem.parent} to resume from the "
+                        "one before it") from None
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}); delete {stem.parent} to resume from the one "
+                        "before it") from None

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...errors import UserError
-from ...io import write_json
+from ...io import atomic_write, write_json
 from ...losses import denoising_loss
 from ...training import prompts as P
 from ...training.concepts import ConceptSet
@@ -245,7 +245,8 @@ class Baseline(ABC):
         g = torch.Generator().manual_seed(self.cfg.seed)
         images = pipe(self.composed_prompt(), num_images_per_prompt=n, num_inference_steps=self.cfg.sample_steps,
                       height=self.cfg.resolution, width=self.cfg.resolution, generator=g, guidance_scale=7.5).images
-        image_grid(images).save(run.samples / f"step-{step:06d}.png")
+        grid = image_grid(images)
+        atomic_write(run.samples / f"step-{step:06d}.png", lambda p: grid.save(p, format="PNG"))
 
     @abstractmethod
     def export(self, run: RunDir) -> None:

@@ -27,6 +27,7 @@ from ...losses import (attention_outside, attention_refocusing_loss, attention_s
                        masked_denoising_loss, patch_contrastive_loss, self_similarity_loss, style_cls_loss,
                        tweedie_x0)
 from ...data.masks import downsample_mask
+from ...io import atomic_write
 from ...models.face_align import align_faces, alignment_matrix
 from ...models.precision import conv_input, frozen_autocast, frozen_dtype, use_checkpointing
 from ...models.tokens import token_vectors
@@ -379,7 +380,8 @@ class MagiCapture:
                           guidance_scale=7.5).images
         finally:
             self.store.active = True
-        image_grid(images).save(run.samples / f"step-{step:06d}.png")
+        grid = image_grid(images)
+        atomic_write(run.samples / f"step-{step:06d}.png", lambda p: grid.save(p, format="PNG"))
 
     def finalize(self, run: RunDir) -> None:
         from ...training.export import export_a1111, save_embeddings, save_lora
