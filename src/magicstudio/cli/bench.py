@@ -32,6 +32,7 @@ def bench_cmd(
     aesthetic_head: Optional[str] = typer.Option(None, "--aesthetic-head", help="LAION aesthetic head weights."),
     face_encoder: Optional[str] = typer.Option(None, "--face-encoder", help="ArcFace weights for MagiCapture's identity loss."),
     set_: List[str] = typer.Option([], "--set", help="[METHOD.]KEY=VALUE training setting, e.g. dreambooth.steps=500 (repeatable)."),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", help="Train every cell on one CPU core for bit-identical weights per seed (default: every core)."),
     reevaluate: bool = typer.Option(False, "--reevaluate", help="Evaluate finished cells again (e.g. with other metrics)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -39,6 +40,8 @@ def bench_cmd(
     from ..methods.bench import BenchSettings, load_pairs, parse_set, run_bench
 
     overrides = parse_set(set_)
+    if deterministic is not None:
+        overrides.setdefault("*", {}).setdefault("deterministic", deterministic)
     if face_encoder:
         for m in [x.strip() for x in methods.split(",") if x.strip().startswith("magicapture")]:
             overrides.setdefault(m, {}).setdefault("face_encoder", face_encoder)

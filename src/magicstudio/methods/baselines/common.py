@@ -66,7 +66,7 @@ class BaselineConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = False
-    deterministic: bool = True
+    deterministic: bool = False  # True: one CPU thread, bit-identical weights for a seed (training.train)
     hflip: bool = True
     color_jitter: float = 0.0
     # prior preservation (DreamBooth Eq. 2): class images from the base model itself

@@ -79,7 +79,7 @@ class CaptureConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = False
-    deterministic: bool = True  # CPU: one intra-op thread, so the same seed gives identical weights
+    deterministic: bool = False  # True: one intra-op thread on CPU, the same seed gives identical weights
     # data augmentation (METHODS.md)
     hflip: bool = True
     color_jitter: float = 0.1
