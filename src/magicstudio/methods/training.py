@@ -118,6 +118,9 @@ def train(method: TrainableMethod, run: RunDir, *, grad_accum: int = 1, checkpoi
     seed give bit-identical weights, with or without a resume in between. It costs the other cores: 1.65x per
     step on 2 cores for the SD1.5 architecture at 256 px (issue 19). GPUs are not affected by it.
     """
+    from ..allocator import tune
+
+    tune()  # glibc keeps the big activation buffers between steps (faster on CPU; allocator.py)
     threads = torch.get_num_threads()
     on_cpu = accelerator is None and not torch.cuda.is_available()
     if deterministic and on_cpu:
