@@ -78,11 +78,12 @@ def _files(run):
 
 
 def test_resume_after_a_crash_gives_identical_weights(tiny, demo_sets, tmp_path, monkeypatch):
+    """Needs bit-identical weights, so it asks for them (deterministic=True: one CPU thread)."""
     import copy
 
     base = copy.deepcopy(tiny)
     m1 = _method(tiny, demo_sets)
-    _train(m1, RunDir(tmp_path / "a").create())
+    _train(m1, RunDir(tmp_path / "a").create(), deterministic=True)
 
     m2 = _method(copy.deepcopy(base), demo_sets)
     real = MagiCapture.micro_step
@@ -94,13 +95,13 @@ def test_resume_after_a_crash_gives_identical_weights(tiny, demo_sets, tmp_path,
 
     monkeypatch.setattr(MagiCapture, "micro_step", crash)
     with pytest.raises(KeyboardInterrupt):
-        _train(m2, RunDir(tmp_path / "b").create())
+        _train(m2, RunDir(tmp_path / "b").create(), deterministic=True)
     monkeypatch.setattr(MagiCapture, "micro_step", real)
     assert RunDir(tmp_path / "b").latest_checkpoint()[0] == 4
     with pytest.raises(UserError, match="--resume"):
         _train(_method(copy.deepcopy(base), demo_sets), RunDir(tmp_path / "b"))
     m3 = _method(copy.deepcopy(base), demo_sets)  # a fresh process: new modules, state from disk
-    _train(m3, RunDir(tmp_path / "b"), resume=True)
+    _train(m3, RunDir(tmp_path / "b"), resume=True, deterministic=True)
     (la, ea), (lb, eb) = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
     assert torch.equal(ea["<v1>"], eb["<v1>"])
@@ -149,6 +150,35 @@ def test_run_folder_contract(finished_run):
         assert (finished_run / name).is_file(), name
     assert list((finished_run / "a1111").glob("*_lora.safetensors"))
     assert list((finished_run / "samples").glob("*.png"))
+
+
+def test_default_trains_on_every_core_and_deterministic_on_one(tiny, demo_sets, tmp_path, monkeypatch):
+    """Fast by default: training keeps the process's threads; --deterministic trains on one (then restores them).
+    The run's config.yaml records which mode it used."""
+    from magicstudio.cli.main import main
+
+    seen = []
+    real = MagiCapture.micro_step
+
+    def spy(self, phase, step):
+        seen.append(torch.get_num_threads())
+        return real(self, phase, step)
+
+    monkeypatch.setattr(MagiCapture, "micro_step", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        common = ["capture", "train", "--source", str(demo_sets[0]), "--reference", str(demo_sets[1]), "--preset",
+                  "smoke", "--ti-steps", "1", "--lora-steps", "1", "--resolution", "64", "-q"]
+        assert main(common + ["--out", str(tmp_path / "fast")]) == 0
+        fast, seen[:] = list(seen), []
+        assert main(common + ["--out", str(tmp_path / "det"), "--deterministic"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert fast and set(fast) == {2} and set(seen) == {1}
+    assert RunDir(tmp_path / "fast").read_config()["deterministic"] is False
+    assert RunDir(tmp_path / "det").read_config()["deterministic"] is True
 
 
 def test_resuming_a_finished_run_says_so(finished_run, capsys):

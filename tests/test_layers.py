@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "magicstudio"
 #: low to high; a module may import its own layer and the layers before it
 LAYERS = ["root", "data", "models", "postprocess", "attention", "losses", "training", "methods", "evaluation",
           "experiments", "cli", "ui"]
-ROOT_MODULES = {"errors", "io", "hub", "compat", "__init__"}
+ROOT_MODULES = {"errors", "io", "hub", "compat", "allocator", "__init__"}
 
 
 def layer_of(parts: tuple[str, ...]) -> str:

@@ -249,7 +249,7 @@ def test_table_settings_from_the_command_line():
         assert o[m]["lora_lr"] == 5e-4 and o[m]["checkpoint_every"] == 7  # user settings beat the toy ones
         assert o[m]["face_encoder"] == "toyworld" and o[m]["lora_steps"] == TOY_SETTINGS["magicapture"]["lora_steps"]
     assert o["textual-inversion"] == {**TOY_SETTINGS["textual-inversion"], "checkpoint_every": 7, "lr": 1e-3}
-    assert o["*"] == {"model": "toyworld", "checkpoint_every": 7}
+    assert o["*"] == {"model": "toyworld", "deterministic": True, "checkpoint_every": 7}  # the toy table pins bit-reproducible runs
     with pytest.raises(UserError, match="dreambooth"):
         table_overrides(methods, TOY_SETTINGS, parse_set(["dreambooth.steps=3"]))
 

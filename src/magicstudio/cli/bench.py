@@ -33,6 +33,7 @@ def bench_cmd(
     aesthetic_head: Optional[str] = typer.Option(None, "--aesthetic-head", help="LAION aesthetic head weights."),
     face_encoder: Optional[str] = typer.Option(None, "--face-encoder", help="ArcFace weights for MagiCapture's identity loss."),
     set_: List[str] = typer.Option([], "--set", help="[METHOD.]KEY=VALUE training setting, e.g. dreambooth.steps=500 (repeatable)."),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", help="Train every cell on one CPU core for bit-identical weights per seed (default: every core)."),
     reevaluate: bool = typer.Option(False, "--reevaluate", help="Evaluate finished cells again (e.g. with other metrics)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -41,6 +42,8 @@ def bench_cmd(
     from ..methods import METHODS
 
     overrides = parse_set(set_)
+    if deterministic is not None:
+        overrides.setdefault("*", {}).setdefault("deterministic", deterministic)
     if face_encoder:  # the methods that train with a face encoder (MagiCapture and its ablations)
         for m in [x.strip() for x in methods.split(",") if x.strip() in METHODS]:
             if "face_encoder" in method_settings(m):

@@ -37,6 +37,7 @@ def train_cmd(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", help="Bit-identical weights for a seed on CPU (also across --resume) by training on one core; default: every core (about 1.65x faster on 2 cores)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train MagiCapture (phase 1 textual inversion, phase 2 LoRA + embeddings) into a run folder."""
@@ -44,7 +45,8 @@ def train_cmd(
 
     overrides = dict(model=model, ti_steps=ti_steps, lora_steps=lora_steps, face_encoder=face_encoder,
                      resolution=resolution, mode=mode, mixed_precision=mixed_precision, decode_precision=decode_precision, seed=seed,
-                     checkpoint_every=checkpoint_every, object_class=object_class, dino_model=dino_model)
+                     checkpoint_every=checkpoint_every, object_class=object_class, dino_model=dino_model,
+                     deterministic=deterministic)
     if no_ar:
         overrides["use_ar"] = False
     if no_composed:

@@ -39,7 +39,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = False
-    deterministic: bool = True  # CPU: one intra-op thread, so the same seed gives identical weights
+    deterministic: bool = False  # True: one intra-op thread on CPU, so the same seed gives identical weights (slower: all cores by default)
     # data augmentation
     hflip: bool = True
     color_jitter: float = 0.0

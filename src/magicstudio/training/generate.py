@@ -21,8 +21,11 @@ from .sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, h
 log = logging.getLogger(__name__)
 
 
-def load_run_pipeline(run_dir: str | Path, scheduler: str = "ddim", model: str | None = None):
+def load_run_pipeline(run_dir: str | Path, scheduler: str = "ddim", model: str | None = None, fuse: bool = False):
     """A ``StableDiffusionPipeline`` with the run's LoRA and tokens loaded; returns (pipe, config, tokens).
+
+    ``fuse`` merges the LoRA into the base weights (``fuse_lora`` + ``unload_lora_weights``): the same model, no
+    adapter layers in the way while sampling (what ``generate`` uses).
 
     A run whose config has ``model_dir`` (a full fine-tune, e.g. DreamBooth) is that diffusers folder itself."""
     run = RunDir(run_dir)
@@ -39,6 +42,9 @@ def load_run_pipeline(run_dir: str | Path, scheduler: str = "ddim", model: str |
     comps = load_base(model or cfg["model"], seed=int(cfg.get("model_seed", 0)))
     pipe = comps.pipeline(scheduler=comps.inference_scheduler(scheduler))
     tokens = load_run_into_pipeline(pipe, run.path)
+    if fuse and (run.path / LORA_FILE).is_file():  # the LoRA merged into the weights: plain layers while sampling
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
     return pipe, cfg, tokens
 
 
@@ -100,7 +106,10 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
     check_image_seeds(seed, num_images)
     restorer = _load_postprocessor(upscale, sr, restore_weights, fidelity)
     post = upscale > 1 or restorer is not None
-    pipe, cfg, tokens = load_run_pipeline(run_dir, scheduler, model)
+    from ..allocator import tune
+
+    tune()
+    pipe, cfg, tokens = load_run_pipeline(run_dir, scheduler, model, fuse=True)
     prompt = prompt or default_prompt(cfg)
     missing_tokens = [t for t in tokens if t not in prompt]
     if len(missing_tokens) == len(tokens):

@@ -4,7 +4,8 @@ A method gives a list of ``Phase`` objects and implements ``TrainableMethod``; `
 order under accelerate (device placement, mixed precision, multi-GPU launch), writes one ``metrics.jsonl``
 record per optimizer step, checkpoints atomically every N steps (keeping the last K), resumes from the latest
 checkpoint with the saved optimizer and RNG state, and stops on a non-finite loss keeping the last good
-checkpoint. Same seed on CPU -> identical weights, with or without an interruption in between.
+checkpoint. Every core trains by default; with ``deterministic`` the same seed on CPU gives identical weights,
+with or without an interruption in between.
 """
 
 from __future__ import annotations
@@ -132,13 +133,17 @@ class _Progress:
 def train(method: TrainableMethod, run: RunDir, *, grad_accum: int = 1, checkpoint_every: int = 100,
           keep_checkpoints: int = 2, sample_every: int = 0, resume: bool = False, mixed_precision: str = "no",
           log_every: int = 1, progress: bool = True, accelerator=None, tensorboard: bool = True,
-          deterministic: bool = True) -> int:
+          deterministic: bool = False) -> int:
     """Run all phases of ``method`` into ``run``; returns the number of optimizer steps taken now.
 
-    ``deterministic`` on a CPU trains with one intra-op thread: PyTorch's multi-threaded CPU kernels sum in a
-    varying order (differences of ~1e-9 that grow to ~1e-6 within a few steps), so only then does the same
-    seed give bit-identical weights, with or without a resume in between. GPUs are not affected by it.
+    ``deterministic`` (opt-in) on a CPU trains with one intra-op thread: PyTorch's multi-threaded CPU kernels sum
+    in a varying order (differences of ~1e-9 that grow to ~1e-6 within a few steps), so only then does the same
+    seed give bit-identical weights, with or without a resume in between. It costs the other cores: 1.65x per
+    step on 2 cores for the SD1.5 architecture at 256 px (issue 19). GPUs are not affected by it.
     """
+    from ..allocator import tune
+
+    tune()  # glibc keeps the big activation buffers between steps (faster on CPU; allocator.py)
     threads = torch.get_num_threads()
     on_cpu = accelerator is None and not torch.cuda.is_available()
     if deterministic and on_cpu:
