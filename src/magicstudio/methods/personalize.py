@@ -209,6 +209,6 @@ def open_run(source, reference, out, cfg, resume: bool = False, progress: bool =
 
 def process_device() -> torch.device:
     """This process's device: GPU i under ``accelerate launch``, the GPU if there is one, else the CPU."""
-    from accelerate import PartialState
+    from .distributed import process_state
 
-    return PartialState().device
+    return process_state().device

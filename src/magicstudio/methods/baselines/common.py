@@ -299,10 +299,11 @@ def default_device() -> torch.device:
 def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: BaselineConfig, resume: bool = False,
                  progress: bool = True, device: str | None = None) -> RunDir:
     """Train ``method_cls`` into the run folder ``out`` (``resume`` continues an unfinished one)."""
+    from ..distributed import open_run_everywhere, process_state
     from ..personalize import open_run
     from ..training import train
 
-    opened = open_run(source, reference, out, cfg, resume, progress)
+    opened = open_run_everywhere(open_run, source, reference, out, cfg, resume, progress)
     if opened is None:
         return RunDir(out)
     run, cfg, comps, source_set, reference_set = opened
@@ -311,10 +312,12 @@ def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: Baseli
     class_set = None
     if cfg.prior:
         root = Path(cfg.class_dir) if cfg.class_dir else run.path / "class_images"
-        class_set = images_as_concept(ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress),
-                                      cfg.resolution)
-    run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()}
-                     | method_cls.run_config)
+        with process_state().main_process_first():  # made once, by the main process; the others read them
+            paths = ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress)
+        class_set = images_as_concept(paths, cfg.resolution)
+    if process_state().is_main_process:
+        run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()}
+                         | method_cls.run_config)
     method = method_cls(cfg, comps, source_set, reference_set, class_set, device)
     train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
           keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg: CaptureConfig, resume: bool = False,
                  progress: bool = True) -> RunDir:
     from ...models.face_encoder import load_face_encoder
+    from ..distributed import is_main_process, open_run_everywhere
     from ..personalize import open_run, process_device
     from ..training import train
     from .train import MagiCapture
@@ -30,12 +31,13 @@ def run_training(source: str | Path, reference: str | Path, out: str | Path, cfg
         problem = text_encoder_lora_problem()
         if problem:  # training injects the LoRA with PEFT itself and works; loading the result in diffusers does not
             log.warning("this run trains a text-encoder LoRA that diffusers cannot load with these versions: %s", problem)
-    opened = open_run(source, reference, out, cfg, resume, progress)
+    opened = open_run_everywhere(open_run, source, reference, out, cfg, resume, progress)
     if opened is None:
         return RunDir(out)
     run, cfg, comps, source_set, reference_set = opened
     encoder = load_face_encoder(cfg.face_encoder) if (cfg.use_id and cfg.mode == "portrait") else None
-    run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()})
+    if is_main_process():
+        run.write_config(asdict(cfg) | {"source": str(source), "reference": str(reference), "tokens": cfg.tokens()})
     device = process_device()
     if encoder is not None:
         encoder.to(device)
