@@ -22,16 +22,19 @@ def run_method(source: str | Path, reference: str | Path, out: str | Path, cfg, 
                resume: bool = False, progress: bool = True, device=None) -> RunDir:
     """Train the method ``setup`` makes into the run folder ``out`` (``resume`` continues an unfinished one)."""
     from .loop import train
+    from .distributed import is_main_process, open_run_everywhere
     from .personalize import held_run, open_run, process_device
 
-    opened = open_run(source, reference, out, cfg, resume, progress)
+    # only the main process checks, locks and writes the run folder; the other ranks get the same inputs
+    opened = open_run_everywhere(open_run, source, reference, out, cfg, resume, progress)
     if opened is None:
         return RunDir(out)
     run, cfg, comps, source_set, reference_set = opened
     with held_run(run):  # the run folder's lock, held until the outputs are written
         device = device or process_device()
         build, extra = setup(run, cfg, comps, source_set, reference_set, device)
-        run.write_config(asdict(cfg) | run.inputs | {"tokens": cfg.tokens()} | dict(extra))
+        if is_main_process():
+            run.write_config(asdict(cfg) | run.inputs | {"tokens": cfg.tokens()} | dict(extra))
         method = build()
         train(method, run, grad_accum=cfg.grad_accum, checkpoint_every=cfg.checkpoint_every,
               keep_checkpoints=cfg.keep_checkpoints, sample_every=cfg.sample_every, resume=resume,

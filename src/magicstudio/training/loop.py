@@ -6,6 +6,8 @@ record per optimizer step, checkpoints atomically every N steps (keeping the las
 checkpoint with the saved optimizer and RNG state, and stops on a non-finite loss keeping the last good
 checkpoint. Every core trains by default; with ``deterministic`` the same seed on CPU gives identical weights,
 with or without an interruption in between.
+Under ``accelerate launch --num_processes N`` each rank draws its own data and the trainable gradients are
+averaged before every optimizer step (``distributed.py``); only the main process writes the run folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..errors import UserError
+from . import distributed as D
 from .runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -163,14 +166,19 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
     total = sum(p.steps for p in phases)
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     step, saved = 0, None
+    world, rank = accelerator.num_processes, accelerator.process_index
     latest = run.latest_checkpoint()
     if resume and latest is not None:
         saved = run.load_checkpoint(latest[1])
+        D.check_resume(saved, world)
         step = int(saved["step"])
-        run.truncate_metrics(step)
+        if accelerator.is_main_process:
+            run.truncate_metrics(step)
         log.info("resuming %s at step %d", run.path, step)
     elif latest is not None:
         raise UserError(f"{run.path} already has checkpoints; pass --resume to continue it, or choose another --out")
+    elif rank:  # a fresh multi-process run: every rank draws its own data (distributed.rank_seed)
+        method.generator.manual_seed(D.rank_seed(method.generator.initial_seed(), rank))
     if step >= total:
         if saved is not None and accelerator.is_main_process:
             # stopped after the last checkpoint but before the outputs were written: write them now
@@ -201,25 +209,33 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                 for _ in range(step - start):
                     scheduler.step()
             if saved is not None:
-                torch.set_rng_state(saved["rng"]["torch"])
-                method.generator.set_state(saved["rng"]["method"])
+                torch.set_rng_state(D.rank_rng(saved, rank)["torch"])
+                method.generator.set_state(D.rank_rng(saved, rank)["method"])
                 saved = None
-            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+            if world > 1:
+                D.broadcast_parameters(params)
+            # not the scheduler: accelerate would step it N times per step under N processes
+            optimizer = accelerator.prepare(optimizer)
             while step < start + phase.steps:
                 terms_sum: dict[str, float] = {}
                 terms_n: dict[str, int] = {}
-                tasks = []
+                tasks, failure = [], None
                 for _ in range(grad_accum):
                     with accelerator.autocast():
                         out = method.micro_step(phase.name, step)
                     if not torch.isfinite(out.loss.detach()):
-                        raise _diverged(run, f"loss became {out.loss.item()} at step {step + 1} ({phase.name}, "
-                                             f"task {out.task})")
+                        failure = (f"loss became {out.loss.item()} at step {step + 1} ({phase.name}, task {out.task}"
+                                   f"{f', process {rank}' if world > 1 else ''})")
+                        if world == 1:
+                            raise _diverged(run, failure)
+                        break
                     accelerator.backward(out.loss / grad_accum)
                     tasks.append(out.task)
                     for k, v in out.terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v)
                         terms_n[k] = terms_n.get(k, 0) + 1
+                if world > 1:
+                    D.sync_gradients(params, world, accelerator.device, failure)
                 if phase.grad_clip:
                     accelerator.clip_grad_norm_(params, phase.grad_clip)
                 try:
@@ -232,12 +248,18 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                 after = getattr(method, "after_optimizer_step", None)
                 if after is not None:  # e.g. MagiCapture official: embedding norms pulled toward 0.4 in phase 1
                     after(phase.name, optimizer.param_groups[0]["lr"])
-                scheduler.step()
+                if not optimizer.step_was_skipped:  # what accelerate's prepared scheduler did in one process
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 record = {"step": step, "phase": phase.name, "task": "+".join(tasks),
                           "lr": optimizer.param_groups[0]["lr"]}
                 record.update({k: terms_sum[k] / terms_n[k] for k in terms_sum})
+                checkpoint = checkpoint_every and (step % checkpoint_every == 0 or step == total)
+                rng = {"torch": torch.get_rng_state(), "method": method.generator.get_state()}
+                if checkpoint and world > 1:  # every rank's streams, so a resume continues each of them
+                    ranks = D.gather_rng(method.generator, world)
+                    rng.update(processes=world, ranks=ranks[1:])
                 if accelerator.is_main_process:
                     if step % log_every == 0 or step == total:
                         run.log_metrics(record)
@@ -246,13 +268,13 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                             if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                                 writer.add_scalar(f"{phase.name}/{k}", v, step)
                     bar.update(step, f"{phase.name} loss {record.get('loss', float('nan')):.4f}")
-                    if checkpoint_every and (step % checkpoint_every == 0 or step == total):
+                    if checkpoint:
                         _check_trainable(method, run, step, phase.name)  # a non-finite state is never saved
                         run.save_checkpoint(step, {
                             "step": step, "phase": phase.name,
                             "trainable": method.trainable_state(),
                             "optimizer": optimizer.state_dict(),
-                            "rng": {"torch": torch.get_rng_state(), "method": method.generator.get_state()},
+                            "rng": rng,
                         }, keep=keep_checkpoints)
                     if sample_every and step % sample_every == 0 and step != total:
                         method.sample(run, step)

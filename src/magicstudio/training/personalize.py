@@ -288,6 +288,6 @@ def _resume_settings(run, saved: dict, cfg, inputs: dict):
 
 def process_device() -> torch.device:
     """This process's device: GPU i under ``accelerate launch``, the GPU if there is one, else the CPU."""
-    from accelerate import PartialState
+    from .distributed import process_state
 
-    return PartialState().device
+    return process_state().device

@@ -272,6 +272,7 @@ class Baseline(ABC):
 def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: BaselineConfig, resume: bool = False,
                  progress: bool = True, device: str | None = None) -> RunDir:
     """Train ``method_cls`` into the run folder ``out`` (``resume`` continues an unfinished one)."""
+    from ...training.distributed import process_state
     from ...training.job import run_method
 
     def setup(run, cfg, comps, source_set, reference_set, device):
@@ -279,8 +280,9 @@ def run_baseline(method_cls: type[Baseline], source, reference, out, cfg: Baseli
         class_set = None
         if cfg.prior:
             root = Path(cfg.class_dir) if cfg.class_dir else run.path / "class_images"
-            class_set = images_as_concept(ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress),
-                                          cfg.resolution)
+            with process_state().main_process_first():  # made once, by the main process; the others read them
+                paths = ensure_class_images(comps, cfg, class_image_folder(cfg, root), progress)
+            class_set = images_as_concept(paths, cfg.resolution)
         return lambda: method_cls(cfg, comps, source_set, reference_set, class_set, device), method_cls.run_config
 
     return run_method(source, reference, out, cfg, setup, resume=resume, progress=progress, device=device)
