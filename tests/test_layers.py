@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "magicstudio"
 
 #: low to high; a module may import its own layer and the layers before it
 LAYERS = ["root", "data", "models", "postprocess", "attention", "losses", "training", "methods", "evaluation",
-          "experiments", "cli", "ui"]
+          "experiments", "cli", "ui", "__main__"]  # __main__: `python -m magicstudio`, the entry point above all
 ROOT_MODULES = {"errors", "io", "hub", "compat", "allocator", "__init__"}
 
 

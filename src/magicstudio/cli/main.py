@@ -63,5 +63,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m magicstudio.cli.main`: the commands register on the imported module's app
+    from magicstudio.cli.main import main as _main
+
+    sys.exit(_main())
