@@ -15,11 +15,18 @@ app.add_typer(capture_app, name="capture")
 
 @capture_app.command("train")
 def train_cmd(
-    source: Path = typer.Option(..., "--source", help="Folder of 4-6 photos of the person (raw, or made by 'prepare')."),
-    reference: Path = typer.Option(..., "--reference", help="Folder of 4-6 photos of the style (raw or prepared)."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Folder of 4-6 photos of the person (raw, or made by 'prepare'); default: the --config file's."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Folder of 4-6 photos of the style (raw or prepared); default: the --config file's."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create (or to resume with --resume)."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model: tiny, a hub id, a diffusers folder or a .safetensors file."),
-    preset: str = typer.Option("paper", "--preset", help="paper | official | smoke."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="paper | official | smoke (default: the --config file's, else paper)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A YAML/TOML file of settings, e.g. a run's config.yaml (repeats that run); --set and the flags below win over it."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE for any MagiCapture setting (repeatable), e.g. --set lambda_attn=1.0; the typed flags win over it."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Phase-2 LoRA learning rate (lora_lr)."),
+    ti_lr: Optional[float] = typer.Option(None, "--ti-lr", help="Phase-1 textual-inversion learning rate."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (lora_alpha follows it unless set)."),
+    lambda_attn: Optional[float] = typer.Option(None, "--lambda-attn", help="Weight of the Attention Refocusing loss (Eq. 10)."),
+    lambda_id: Optional[float] = typer.Option(None, "--lambda-id", help="Weight of the identity loss (Eq. 10)."),
     ti_steps: Optional[int] = typer.Option(None, "--ti-steps", help="Phase 1 (textual inversion) steps."),
     lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="Phase 2 (LoRA) steps."),
     no_ar: bool = typer.Option(False, "--no-ar", help="Without the Attention Refocusing loss (ablation)."),
@@ -27,7 +34,7 @@ def train_cmd(
     no_id: bool = typer.Option(False, "--no-id", help="Without the identity loss."),
     face_encoder: Optional[str] = typer.Option(None, "--face-encoder", help="ArcFace weights (backbone.pth or .safetensors) for the identity loss."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size (default: the model's)."),
-    mode: str = typer.Option("portrait", "--mode", help="portrait, or object (the supplement's general-object variant)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="portrait, or object (the supplement's general-object variant)."),
     object_class: Optional[str] = typer.Option(None, "--object-class", help="Object mode: the class word (e.g. vase)."),
     dino_model: Optional[str] = typer.Option(None, "--dino-model", help="Object mode: DINO ViT for the structure/style losses (Eq. 11), e.g. facebook/dino-vitb8."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16."),
@@ -41,22 +48,28 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train MagiCapture (phase 1 textual inversion, phase 2 LoRA + embeddings) into a run folder."""
+    from ..errors import UserError
     from ..methods.magicapture import make_config, run_training
+    from ..training.config import RUN_RECORD_KEYS, parse_assignments, read_settings_file
 
-    overrides = dict(model=model, ti_steps=ti_steps, lora_steps=lora_steps, face_encoder=face_encoder,
-                     resolution=resolution, mode=mode, mixed_precision=mixed_precision, decode_precision=decode_precision, seed=seed,
-                     checkpoint_every=checkpoint_every, object_class=object_class, dino_model=dino_model,
-                     deterministic=deterministic)
-    if no_ar:
-        overrides["use_ar"] = False
-    if no_composed:
-        overrides["use_composed"] = False
-    if no_id:
-        overrides["use_id"] = False
-    if gradient_checkpointing:
-        overrides["gradient_checkpointing"] = True
-    if cache_latents:
-        overrides["cache_latents"] = True
+    settings = read_settings_file(config) if config else {}
+    source = source or (Path(settings["source"]) if settings.get("source") else None)
+    reference = reference or (Path(settings["reference"]) if settings.get("reference") else None)
+    if source is None or reference is None:
+        raise UserError("--source and --reference are required (or a --config file that names them)")
+    if lora_rank is not None and "lora_alpha" not in settings:
+        settings["lora_alpha"] = float(lora_rank)  # alpha = rank, as the presets have it
+    settings = {k: v for k, v in settings.items() if k not in RUN_RECORD_KEYS}
+    preset = preset or settings.pop("preset", None) or "paper"
+    settings.pop("preset", None)
+    settings.update(parse_assignments(set_))
+    overrides = dict(settings)
+    flags = dict(model=model, ti_steps=ti_steps, lora_steps=lora_steps, face_encoder=face_encoder,
+                 resolution=resolution, mode=mode, mixed_precision=mixed_precision, decode_precision=decode_precision,
+                 seed=seed, checkpoint_every=checkpoint_every, object_class=object_class, dino_model=dino_model,
+                 deterministic=deterministic, lora_lr=lr, ti_lr=ti_lr, lora_rank=lora_rank, lambda_attn=lambda_attn,
+                 lambda_id=lambda_id)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
     cfg = make_config(preset, **overrides)
     run = run_training(source, reference, out, cfg, resume=resume, progress=not quiet)
     if not quiet:

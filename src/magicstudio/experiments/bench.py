@@ -41,6 +41,7 @@ import yaml
 
 from ..errors import UserError
 from ..io import atomic_write, write_json
+from ..training.config import parse_value
 
 log = logging.getLogger(__name__)
 
@@ -266,24 +267,8 @@ def parse_set(items: list[str]) -> dict:
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected [METHOD.]KEY=VALUE, e.g. dreambooth.steps=100")
         method, dot, name = key.strip().rpartition(".")
-        out.setdefault(method if dot else "*", {})[name] = _value(value)
+        out.setdefault(method if dot else "*", {})[name] = parse_value(value)
     return out
-
-
-def _value(text: str):
-    """``10`` -> int, ``1e-4`` -> float (YAML would keep it a string), ``true``/``null``/lists via YAML."""
-    text = text.strip()
-    if not text:
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -118,3 +118,68 @@ def build_config(cls: type, presets: dict[str, dict], preset: str, overrides: di
     check_settings(cls, overrides, what, tuple(fixed))
     cfg = replace(cls(), preset=preset, **fixed, **presets[preset])
     return replace(cfg, **coerce(cls, {k: v for k, v in overrides.items() if v is not None}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings from the command line: --config FILE and --set KEY=VALUE
+# --------------------------------------------------------------------------------------------------------------
+
+#: keys a run's config.yaml records beside the settings (its inputs and outputs), not settings themselves
+RUN_RECORD_KEYS = ("source", "reference", "source_sha256", "reference_sha256", "tokens", "method", "model_dir")
+
+
+def parse_value(text: str):
+    """``10`` -> int, ``1e-4`` -> float (YAML would keep it a string), ``true``/``null``/lists via YAML."""
+    import yaml
+
+    text = text.strip()
+    if not text:
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_assignments(items: list[str] | None) -> dict:
+    """``["lora_lr=1e-4", "use_ar=false"]`` -> ``{"lora_lr": 0.0001, "use_ar": False}`` (``--set``, repeatable)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. lora_lr=1e-4")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def read_settings_file(path) -> dict:
+    """The settings in a YAML or TOML file (``--config``): e.g. the ``config.yaml`` a run wrote, so a run can be
+    repeated. Returns a flat dict; the run-record keys (``RUN_RECORD_KEYS``) are kept for the caller to use."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path}: cannot be read ({exc.__class__.__name__})") from None
+    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise UserError(f"--config {path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'} ({first})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected KEY: VALUE settings, found {type(data).__name__}")
+    return data
