@@ -18,6 +18,10 @@ from ..errors import UserError
 from ..models.base import SD15
 
 
+#: learning-rate schedules within a phase (names of diffusers' get_scheduler)
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class TrainConfig:
     preset: str = "paper"
@@ -34,8 +38,8 @@ class TrainConfig:
     grad_accum: int = 1
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
-    lr_schedule: str = "constant"  # see training.loop.LR_SCHEDULES
-    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES, within each phase (diffusers' get_scheduler)
+    lr_warmup_steps: int = 0  # linear warm-up at the start of each phase
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = False
@@ -117,7 +121,12 @@ def build_config(cls: type, presets: dict[str, dict], preset: str, overrides: di
     fixed = dict(fixed or {})
     check_settings(cls, overrides, what, tuple(fixed))
     cfg = replace(cls(), preset=preset, **fixed, **presets[preset])
-    return replace(cfg, **coerce(cls, {k: v for k, v in overrides.items() if v is not None}))
+    cfg = replace(cfg, **coerce(cls, {k: v for k, v in overrides.items() if v is not None}))
+    if getattr(cfg, "lr_schedule", "constant") not in LR_SCHEDULES:
+        raise UserError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    if getattr(cfg, "lr_warmup_steps", 0) < 0:
+        raise UserError(f"lr_warmup_steps must be >= 0, not {cfg.lr_warmup_steps}")
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------

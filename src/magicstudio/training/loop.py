@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..errors import UserError
+from .config import LR_SCHEDULES
 from . import distributed as D
 from .runs import RunDir
 
@@ -38,9 +39,10 @@ class Phase:
     name: str
     steps: int
     setup: Callable[[], list[dict]]  # prepares the modules for this phase; returns optimizer param groups
-    lr_schedule: str = "constant"  # or "linear" (decay to 0 over the phase)
+    lr_schedule: str = "constant"  # constant | linear (decay to 0 over the phase) | cosine; see make_lr_scheduler
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
+    lr_warmup_steps: int = 0  # linear warm-up from 0 over the phase's first steps
 
 
 @dataclass
@@ -89,12 +91,16 @@ class TrainableMethod(Protocol):
     def finalize(self, run: RunDir) -> None: ...
 
 
-def _lr_lambda(kind: str, steps: int):
-    if kind == "constant":
-        return lambda i: 1.0
-    if kind == "linear":
-        return lambda i: max(0.0, 1.0 - i / max(1, steps))
-    raise UserError(f"unknown learning-rate schedule {kind!r} (use constant or linear)")
+def make_lr_scheduler(optimizer, kind: str, steps: int, warmup: int = 0):
+    """diffusers' ``get_scheduler`` for one phase of ``steps`` optimizer steps: ``constant`` (with ``warmup``:
+    diffusers' ``constant_with_warmup``), ``linear`` (to 0 at the phase's end) or ``cosine``, each after a linear
+    warm-up of ``warmup`` steps."""
+    from diffusers.optimization import get_scheduler
+
+    if kind not in LR_SCHEDULES:
+        raise UserError(f"unknown learning-rate schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    name = "constant_with_warmup" if kind == "constant" and warmup else kind
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, steps))
 
 
 def _phase_at(phases: list[Phase], step: int) -> tuple[int, int]:
@@ -202,8 +208,7 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
             optimizer = torch.optim.AdamW(groups, weight_decay=phase.weight_decay)
             if saved is not None and saved.get("phase") == phase.name and saved.get("optimizer"):
                 optimizer.load_state_dict(saved["optimizer"])
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase.lr_schedule, phase.steps),
-                                                          last_epoch=-1)
+            scheduler = make_lr_scheduler(optimizer, phase.lr_schedule, phase.steps, phase.lr_warmup_steps)
             with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
                 warnings.simplefilter("ignore")
                 for _ in range(step - start):

@@ -81,7 +81,8 @@ class CustomDiffusion(Baseline):
 
     def phases(self) -> list[Phase]:
         cfg = self.cfg
-        return [Phase("custom_diffusion", cfg.steps, self._setup, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip)]
+        return [Phase("custom_diffusion", cfg.steps, self._setup, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip,
+                      cfg.lr_warmup_steps)]
 
     def _setup(self) -> list[dict]:
         weights = [layer.weight for layer in self.kv.values()]

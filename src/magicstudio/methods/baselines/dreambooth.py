@@ -44,7 +44,8 @@ class DreamBooth(Baseline):
 
     def phases(self) -> list[Phase]:
         cfg = self.cfg
-        return [Phase("dreambooth", cfg.steps, self._setup, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip)]
+        return [Phase("dreambooth", cfg.steps, self._setup, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip,
+                      cfg.lr_warmup_steps)]
 
     def _setup(self) -> list[dict]:
         unet, te = self.comps.unet, self.comps.text_encoder

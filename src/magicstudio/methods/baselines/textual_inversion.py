@@ -34,7 +34,8 @@ class TextualInversion(Baseline):
 
     def phases(self) -> list[Phase]:
         cfg = self.cfg
-        return [Phase("textual_inversion", cfg.steps, self._setup, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip)]
+        return [Phase("textual_inversion", cfg.steps, self._setup, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip,
+                      cfg.lr_warmup_steps)]
 
     def _setup(self) -> list[dict]:
         return [{"params": [self.embedding.rows], "lr": self.cfg.lr}]

@@ -91,8 +91,9 @@ class MagiCapture:
         cfg = self.cfg
         return [
             Phase("textual_inversion", cfg.ti_steps, self._setup_ti, cfg.lr_schedule, cfg.ti_weight_decay,
-                  cfg.grad_clip),
-            Phase("lora", cfg.lora_steps, self._setup_lora, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip),
+                  cfg.grad_clip, cfg.lr_warmup_steps),
+            Phase("lora", cfg.lora_steps, self._setup_lora, cfg.lr_schedule, cfg.weight_decay, cfg.grad_clip,
+                  cfg.lr_warmup_steps),
         ]
 
     def _setup_ti(self) -> list[dict]:
