@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .projection import finish, project
+
 try:  # the Attention class moved in recent diffusers; processors only need its public attributes
     from diffusers.models.attention_processor import AttnProcessor2_0
 except ImportError:  # pragma: no cover
@@ -77,39 +79,14 @@ class CaptureProcessor:
         self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, seq, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        is_cross = encoder_hidden_states is not None
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        probs = attn.get_attention_scores(query, key, attention_mask)  # softmax(QK^T/sqrt(d)), Eq. 2
-        self.store.record(self.name, probs, hidden_states.shape[0], is_cross)
-        hidden_states = torch.bmm(probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        p = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch, heads, nq, head_dim = p.query.shape
+        flat = lambda x: x.reshape(batch * heads, -1, head_dim)  # noqa: E731  (diffusers' head_to_batch_dim layout)
+        mask = None if p.mask is None else p.mask.reshape(batch * heads, -1, p.mask.shape[-1])
+        probs = attn.get_attention_scores(flat(p.query), flat(p.key), mask)  # softmax(QK^T/sqrt(d)), Eq. 2
+        self.store.record(self.name, probs, batch, p.is_cross)
+        out = torch.bmm(probs, flat(p.value)).view(batch, heads, nq, head_dim)
+        return finish(attn, out, p)
 
 
 def _down_factor(name: str, n_down: int) -> int | None:
