@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import sys
-import types
 
 import pytest
 import torch
@@ -293,41 +293,49 @@ def test_a_missing_evaluation_module_is_recorded_and_a_rerun_only_evaluates(api_
     assert not res.failed and (cell / "DONE").is_file()
 
 
-def test_ray_backend(api_runs, demo_sets, tmp_path, monkeypatch):
+def test_ray_backend_without_ray_is_one_line(api_runs, demo_sets, tmp_path, monkeypatch):
     pairs = bench.load_pairs(_pairs_file(tmp_path, demo_sets))
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UserError, match=r"pip install 'magicstudio\[cluster\]'"):
         bench.run_bench(pairs, _settings(["textual-inversion"]), tmp_path / "x", backend="ray", progress=False)
 
-    # a stand-in for Ray that runs tasks in process: the harness's task plumbing, without a cluster
-    calls = {}
-    fake = types.ModuleType("ray")
-    fake.is_initialized = lambda: calls.get("init", False)
-    fake.init = lambda address=None, **kw: calls.update(init=True, address=address)
-    fake.cluster_resources = lambda: {"CPU": 2.0}
 
-    class Ref:  # an object reference: hashable, holds the task's result
-        def __init__(self, value):
-            self.value = value
+def test_ray_backend_on_a_local_cluster(api_runs, demo_sets, tmp_path):
+    """A real local Ray cluster (2 CPUs, 127.0.0.1): two cells run as Ray tasks in worker processes, a failing
+    cell is recorded and the sweep goes on, a re-run skips the finished cell and retries the failed one."""
+    ray = pytest.importorskip("ray")
+    import os
 
-    def remote(**opts):
-        calls["options"] = opts
+    import ray_evaluator
 
-        def wrap(fn):
-            return types.SimpleNamespace(remote=lambda spec: Ref(fn(spec)))
-
-        return wrap
-
-    fake.remote = remote
-    fake.wait = lambda refs, num_returns=1: (refs[:num_returns], refs[num_returns:])
-    fake.get = lambda ref: ref.value
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    out = tmp_path / "sweep"
-    cell = _finished_cell(api_runs, out)
-    res = bench.run_bench(pairs, _settings(["textual-inversion"]), out, backend="ray", evaluator=fake_evaluate,
-                          progress=False)
-    assert not res.failed and (cell / "DONE").is_file()
-    assert calls["options"]["num_gpus"] == 0 and calls["init"]
+    tests_dir = str(Path(__file__).resolve().parent)
+    pythonpath = os.pathsep.join([tests_dir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}})
+    try:
+        pairs = bench.load_pairs(_pairs_file(tmp_path, demo_sets))
+        out = tmp_path / "sweep"
+        methods = ["textual-inversion", "custom-diffusion"]
+        ti, cd = (_finished_cell(api_runs, out, m) for m in methods)
+        (out / "FAIL").write_text("")
+        res = bench.run_bench(pairs, _settings(methods), out, backend="ray", evaluator=ray_evaluator.evaluate,
+                              progress=False)
+        assert res.failed and (ti / "DONE").is_file() and not (cd / "DONE").exists()
+        assert "deliberate evaluation failure" in (cd / "error.txt").read_text()
+        assert (out / "report.md").is_file()
+        pids = {int((c / "evaluated-by.txt").read_text()) for c in (ti, cd)}
+        assert os.getpid() not in pids  # the cells ran in Ray's worker processes
+        # the re-run: the finished cell is skipped (its images untouched), the failed one completes
+        images = {p.name: p.stat().st_mtime_ns for p in (ti / "images").glob("*.png")}
+        (ti / "evaluated-by.txt").unlink()
+        (out / "FAIL").unlink()
+        res = bench.run_bench(pairs, _settings(methods), out, backend="ray", evaluator=ray_evaluator.evaluate,
+                              progress=False)
+        assert not res.failed and (cd / "DONE").is_file() and not (cd / "error.txt").exists()
+        assert not (ti / "evaluated-by.txt").exists()
+        assert {p.name: p.stat().st_mtime_ns for p in (ti / "images").glob("*.png")} == images
+    finally:
+        ray.shutdown()
 
 
 def test_pairs_file_errors_are_one_line(demo_sets, tmp_path, capsys):
