@@ -157,16 +157,21 @@ def restore_processors(unet, previous: dict) -> None:
     unet.set_attn_processor(previous)
 
 
+def resize_token_maps(m: torch.Tensor, size: int) -> torch.Tensor:
+    """Token maps (B, heads, S, S, K) resized to (B, heads, size, size, K), bilinear (the one place maps are resized)."""
+    if m.shape[2] == size:
+        return m
+    b, h, s, _, k = m.shape
+    x = m.permute(0, 1, 4, 2, 3).reshape(b * h * k, 1, s, s)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.view(b, h, k, size, size).permute(0, 1, 3, 4, 2)
+
+
 def stack_token_maps(store: AttentionStore, size: int | None = None) -> torch.Tensor:
     """All captured token maps as (L, B, heads, S, S, K), resized to ``size`` (bilinear) when given."""
     out = []
     for m in store.maps.values():
-        if size is not None and m.shape[2] != size:
-            b, h, s, _, k = m.shape
-            x = m.permute(0, 1, 4, 2, 3).reshape(b * h * k, 1, s, s)
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            m = x.view(b, h, k, size, size).permute(0, 1, 3, 4, 2)
-        out.append(m)
+        out.append(m if size is None else resize_token_maps(m, size))
     if not out:
         raise RuntimeError("no attention maps were captured (are the capture processors installed?)")
     return torch.stack(out)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
-from ..attention.capture import AttentionStore, install_capture, restore_processors, select_layers
+from ..attention.capture import AttentionStore, install_capture, resize_token_maps, restore_processors, select_layers
 from ..errors import UserError
 
 SAMPLER_NAMES = {"ddim": "DDIM", "euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "pndm": "PNDM",
@@ -98,7 +98,7 @@ class AttentionRecorder:
         """``callback_on_step_end``: fold this step's maps in and clear the store."""
         if self.store.maps:
             size = max(m.shape[2] for m in self.store.maps.values())
-            maps = torch.stack([_resize(m, size) for m in self.store.maps.values()])  # (L, B, h, S, S, K)
+            maps = torch.stack([resize_token_maps(m, size) for m in self.store.maps.values()])  # (L, B, h, S, S, K)
             cur = maps[:, self.n_uncond:].mean(dim=(0, 2)).detach().float()  # (B, S, S, K)
             self.sum = cur if self.sum is None else self.sum + cur
             self.count += 1
@@ -109,13 +109,6 @@ class AttentionRecorder:
         return self.sum / max(1, self.count)
 
 
-def _resize(m: torch.Tensor, size: int) -> torch.Tensor:
-    if m.shape[2] == size:
-        return m
-    b, h, s, _, k = m.shape
-    x = m.permute(0, 1, 4, 2, 3).reshape(b * h * k, 1, s, s)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.view(b, h, k, size, size).permute(0, 1, 3, 4, 2)
 
 
 def heatmap_overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55) -> Image.Image:
