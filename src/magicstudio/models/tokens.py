@@ -137,10 +137,32 @@ def token_vectors(text_encoder, token_ids: list[int]) -> torch.Tensor:
 
 
 def find_token_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, list[int]]:
-    """Positions (in the padded 77-token sequence, BOS at 0) where each placeholder occurs in ``prompt``."""
+    """Positions (in the padded 77-token sequence, BOS at 0) where each placeholder (one token each) occurs in
+    ``prompt``; for words of several sub-tokens see :func:`find_word_positions`."""
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     out = {}
     for tok in tokens:
         tid = tokenizer.convert_tokens_to_ids(tok)
         out[tok] = [i for i, x in enumerate(ids) if x == tid]
     return out
+
+
+def find_word_positions(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
+    """Positions of each word's tokens (all sub-tokens, every occurrence) among the prompt's 77 token ids.
+
+    Longer words claim their tokens first ("hair clip" before "hair"). A word not in the prompt is a UserError.
+    """
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    taken: set[int] = set()
+    found: dict[str, list[int]] = {}
+    for word in sorted(set(words), key=lambda w: -len(tokenizer(w, add_special_tokens=False).input_ids)):
+        sub = tokenizer(word, add_special_tokens=False).input_ids
+        hits = [i for i in range(1, len(ids) - len(sub) + 1)
+                if ids[i:i + len(sub)] == sub and not taken.intersection(range(i, i + len(sub)))]
+        positions = [i + j for i in hits for j in range(len(sub))]
+        if not positions:
+            raise UserError(f"the concept word {word!r} is not in the prompt {prompt!r} (use it exactly, e.g. "
+                            f"'a {word} ...'; prompts are cut at {tokenizer.model_max_length} tokens)")
+        taken.update(positions)
+        found[word] = positions
+    return [found[w] for w in words]

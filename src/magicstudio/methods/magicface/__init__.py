@@ -37,6 +37,7 @@ from ...attention.capture import AttentionStore, restore_processors
 from ...attention.magicface import MagicFaceState, install_magicface, replaced_layers
 from ...attention.segmentation import PALETTE, render, segment
 from ...errors import UserError
+from ...models.tokens import find_word_positions
 from ...training.sampling import a1111_parameters, check_image_seeds, image_grid, save_png, unused_stem
 
 log = logging.getLogger(__name__)
@@ -83,27 +84,6 @@ def parse_concept(spec: str) -> Concept:
             raise UserError(f"bad --concept {spec!r}: expected word=image.jpg:mask.png")
         return Concept(word, image, mask)
     return Concept(word, rest)
-
-
-def find_word_positions(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
-    """Positions of each word's tokens (all sub-tokens, every occurrence) among the prompt's 77 token ids.
-
-    Longer words claim their tokens first ("hair clip" before "hair"). A word not in the prompt is a UserError.
-    """
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    taken: set[int] = set()
-    found: dict[str, list[int]] = {}
-    for word in sorted(set(words), key=lambda w: -len(tokenizer(w, add_special_tokens=False).input_ids)):
-        sub = tokenizer(word, add_special_tokens=False).input_ids
-        hits = [i for i in range(1, len(ids) - len(sub) + 1)
-                if ids[i:i + len(sub)] == sub and not taken.intersection(range(i, i + len(sub)))]
-        positions = [i + j for i in hits for j in range(len(sub))]
-        if not positions:
-            raise UserError(f"the concept word {word!r} is not in the prompt {prompt!r} (use it exactly, e.g. "
-                            f"'a {word} ...'; prompts are cut at {tokenizer.model_max_length} tokens)")
-        taken.update(positions)
-        found[word] = positions
-    return [found[w] for w in words]
 
 
 # 2. references ------------------------------------------------------------------------------------------------
