@@ -257,7 +257,7 @@ def test_table_settings_from_the_command_line():
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from magicstudio.cli.main import main
 
-    for args in (["toyworld", "table", "--pairs", "9", "--out", str(tmp_path)],
+    for args in (["toyworld", "table", "--pairs", "13", "--out", str(tmp_path)],
                  ["toyworld", "pretrain", "--stage", "nope"],
                  ["toyworld", "table", "--methods", "nope", "--out", str(tmp_path / "x"), "--pairs", "1"],
                  ["demo", "--world", "mars"]):

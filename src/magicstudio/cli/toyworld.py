@@ -28,11 +28,20 @@ def pretrain(
     encoder_steps: Optional[int] = typer.Option(None, "--encoder-steps", help="Face and style encoder steps "
                                                 "(the identity encoder trains 3x as many)."),
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="Run only these stages: vae, ldm, encoders (repeatable)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue the text-to-image stage from this "
+                                             "toy-world model file's UNet and text encoder instead of from scratch."),
+    ldm_lr: Optional[float] = typer.Option(None, "--ldm-lr", help="Peak learning rate of the text-to-image stage."),
+    captions: str = typer.Option("alt-text", "--captions", help="Caption design: alt-text (0-2 attributes named, the "
+                                 "shipped model) or described (half of the captions name every attribute)."),
+    ldm_head_weight: float = typer.Option(0.0, "--ldm-head-weight", help="Weight head latents 1 + this in the "
+                                          "text-to-image loss (0: plain MSE, the shipped model)."),
+    vae_from: Optional[Path] = typer.Option(None, "--vae-from", help="Reuse the VAE of this toy-world model file "
+                                            "(e.g. the packaged ldm.safetensors) instead of training stage 1."),
 ) -> None:
     """Train the toy LDM (VAE, then UNet + text encoder) and the toy identity/face/style encoders from scratch
     (about an hour on 2 CPU cores). Re-running resumes."""
     from ..errors import UserError
-    from ..experiments.toyworld.pretrain import PretrainConfig, pretrain as run
+    from ..experiments.toyworld.pretrain import PretrainConfig, pretrain as run, vae_from as take_vae
 
     stages = tuple(stage or ("vae", "ldm", "encoders"))
     bad = [s for s in stages if s not in ("vae", "ldm", "encoders")]
@@ -46,6 +55,21 @@ def pretrain(
             setattr(cfg, name, value)
     if encoder_steps:
         cfg.identity_encoder_steps = 3 * encoder_steps
+    from ..data.toyworld import CAPTIONS
+
+    if captions not in CAPTIONS:
+        raise UserError(f"unknown --captions {captions!r}; use {' or '.join(CAPTIONS)}")
+    if ldm_head_weight < 0:
+        raise UserError("--ldm-head-weight must be 0 or more")
+    cfg.captions, cfg.ldm_head_weight = captions, ldm_head_weight
+    if init_from is not None:
+        cfg.ldm_init = str(init_from.expanduser())
+    if ldm_lr is not None:
+        if not ldm_lr > 0:
+            raise UserError("--ldm-lr must be positive")
+        cfg.ldm_lr = ldm_lr
+    if vae_from is not None:
+        take_vae(vae_from.expanduser(), work.expanduser())
     summary = run(work.expanduser(), dest.expanduser() if dest else None, cfg, stages=stages)
     typer.echo(f"done in {summary['total_s']} s; files: "
                + ", ".join(str(summary[k]) for k in ("ldm_file", "encoders_file") if k in summary))
@@ -100,3 +124,26 @@ def samples(
         typer.echo(f"identity-{i}: {world.HELD_OUT_IDENTITIES[i].describe()}; "
                    f"style-{i}: {world.HELD_OUT_STYLES[i].describe()}")
     typer.echo(f"written to {out}")
+
+
+@toyworld_app.command("attributes")
+def attributes(
+    prompts: int = typer.Option(24, "--prompts", help="Prompts per set (held-in, held-out)."),
+    images: int = typer.Option(2, "--images", help="Images per prompt."),
+    steps: int = typer.Option(25, "--steps", help="Sampling steps."),
+    guidance: float = typer.Option(5.0, "--guidance"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result as JSON here."),
+) -> None:
+    """How well the base toy model draws what it is told: prompted with every attribute of a person and a style, the
+    share of images in which the toy encoders read each attribute back (held-in and held-out combinations)."""
+    from ..errors import UserError
+    from ..experiments.toyworld.attributes import attribute_accuracy, markdown
+    from ..io import write_json
+
+    if prompts < 1 or images < 1 or steps < 1:
+        raise UserError("--prompts, --images and --steps must be at least 1")
+    result = attribute_accuracy(prompts, images, steps, guidance, seed)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(markdown(result))

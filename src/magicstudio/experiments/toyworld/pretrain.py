@@ -45,6 +45,8 @@ class PretrainConfig:
     ldm_steps: int = 7000
     ldm_lr: float = 1e-3
     ldm_batch: int = 32
+    ldm_head_weight: float = 0.0  # > 0: head latents weighted 1 + this in the loss (the identity's few pixels)
+    captions: str = "alt-text"  # caption design (data.toyworld.CAPTIONS): "alt-text" (the shipped model) or "described"
     ema: float = 0.999
     cond_drop: float = 0.1
     data_size: int = 40000
@@ -52,6 +54,7 @@ class PretrainConfig:
     identity_encoder_steps: int = 1500  # the CSIM network: eye colour is two pixels in its window
     encoder_batch: int = 64
     checkpoint_every: int = 250
+    ldm_init: str = ""  # continue from this toy-world model file's UNet and text encoder ("": from scratch)
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -125,26 +128,43 @@ def latent_scale(vae, seed: int, n: int = 512) -> float:
 
 @torch.no_grad()
 def make_dataset(comps, cfg: PretrainConfig, progress: bool) -> dict[str, torch.Tensor]:
-    """``data_size`` pictures -> posterior mean/std latents (scaled) and token ids."""
+    """``data_size`` pictures -> posterior mean/std latents (scaled), token ids and head masks at latent size."""
     rng = np.random.default_rng([cfg.seed, 3])
-    means, stds, ids = [], [], []
+    means, stds, ids, heads = [], [], [], []
     scale = comps.vae.config.scaling_factor
     t0 = time.time()
     for start in range(0, cfg.data_size, 256):
         n = min(256, cfg.data_size - start)
-        images, captions, _, _ = world.pretraining_batch(rng, n)
+        masks: list = []
+        images, captions, _, _ = world.pretraining_batch(rng, n, masks, cfg.captions)
         post = comps.vae.encode(_to_tensor(images)).latent_dist
+        head = torch.from_numpy(np.stack(masks)).float()[:, None] / 255.0
+        heads.append(F.adaptive_avg_pool2d(head, post.mean.shape[-2:]))
         means.append(post.mean * scale)
         stds.append(post.std * scale)
         ids.append(comps.tokenizer(captions, padding="max_length", max_length=comps.tokenizer.model_max_length,
                                    truncation=True, return_tensors="pt").input_ids)
     _say(f"  dataset: {cfg.data_size} pictures encoded in {time.time() - t0:.0f} s", progress)
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "ids": torch.cat(ids)}
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "ids": torch.cat(ids), "head": torch.cat(heads)}
 
 
 def train_ldm(comps, cfg: PretrainConfig, work: Path, progress: bool) -> dict[str, torch.Tensor]:
     """Train UNet + text encoder; returns the EMA weights (``unet.*`` / ``text_encoder.*``)."""
-    data = make_dataset(comps, cfg, progress)
+    cached = work / "dataset.safetensors"  # encoded once, kept for resumes (rebuilt when its recipe differs)
+    recipe = {"seed": str(cfg.seed), "data_size": str(cfg.data_size), "captions": cfg.captions,
+              "scaling_factor": repr(float(comps.vae.config.scaling_factor))}
+    data = None
+    if cached.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cached), framework="pt") as f:
+            if (f.metadata() or {}) == recipe:
+                data = {k: f.get_tensor(k) for k in f.keys()}
+        if data is None:
+            _say(f"  {cached.name} was made with other settings: encoding the pictures again", progress)
+    if data is None:
+        data = make_dataset(comps, cfg, progress)
+        save_tensors(cached, data, metadata=recipe)
     empty = comps.tokenizer([""], padding="max_length", max_length=comps.tokenizer.model_max_length,
                             return_tensors="pt").input_ids[0]
     unet, te, sched = comps.unet, comps.text_encoder, comps.scheduler
@@ -184,7 +204,11 @@ def train_ldm(comps, cfg: PretrainConfig, work: Path, progress: bool) -> dict[st
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(zt, t, te(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        if cfg.ldm_head_weight:
+            weight = 1.0 + cfg.ldm_head_weight * data["head"][idx]
+            loss = ((pred - noise).pow(2) * weight).mean() / weight.mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(others, 1.0)
@@ -218,7 +242,8 @@ def used_token_ids(tokenizer) -> list[int]:
     rng = np.random.default_rng(0)
     for _ in range(2000):  # the captions themselves (covers every template)
         ident, style = world.random_identity(rng), world.random_style(rng)
-        ids.update(tokenizer(world.caption(ident, style, rng)).input_ids)
+        for design in world.CAPTIONS.values():
+            ids.update(tokenizer((design or world.caption)(ident, style, rng)).input_ids)
     ids.update([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
     return sorted(ids)
 
@@ -285,6 +310,18 @@ def train_encoders(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, tw.At
 # --------------------------------------------------------------------------------------------------------------
 
 
+def vae_from(model_file: str | Path, work: str | Path) -> Path:
+    """Take the VAE of an existing toy-world model file as stage 1's result (``WORK/vae.safetensors``), so a new
+    text-to-image stage can be trained without re-training the autoencoder."""
+    src = Path(model_file)
+    if not src.is_file():
+        raise UserError(f"--vae-from: {src} is not a file")
+    comps = tw.load_toyworld(src)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return save_tensors(work / "vae.safetensors", {k: v.float().contiguous() for k, v in comps.vae.state_dict().items()})
+
+
 def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConfig | None = None,
              progress: bool = True, stages: tuple[str, ...] = ("vae", "ldm", "encoders")) -> dict:
     """Run (or resume) the pretraining; returns a summary (also written to ``WORK/summary.json``)."""
@@ -301,6 +338,12 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
     summary: dict = {"config": asdict(cfg), "threads": torch.get_num_threads()}
     t_all = time.time()
     comps = tw.build_toyworld(cfg.seed)
+    if cfg.ldm_init:
+        if not Path(cfg.ldm_init).is_file():
+            raise UserError(f"--init-from: {cfg.ldm_init} is not a file")
+        start = tw.load_toyworld(cfg.ldm_init)
+        comps.unet.load_state_dict(start.unet.state_dict())
+        comps.text_encoder.load_state_dict(start.text_encoder.state_dict())
     vae_file = work / "vae.safetensors"
     if "vae" in stages or "ldm" in stages:
         if vae_file.is_file():

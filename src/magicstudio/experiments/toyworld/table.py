@@ -235,13 +235,53 @@ def reference_rows(out: Path, pairs: list, n: int, seed: int, steps: int, guidan
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _stats(per_pair: dict[str, list[float]]) -> tuple[float | None, float | None, float | None]:
-    """mean and std over all values, std of the per-pair means."""
+def pair_means(per_pair: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each pair's finite values (pairs without any are left out)."""
+    out = {}
+    for pair, vs in per_pair.items():
+        good = [v for v in vs if v is not None and not math.isnan(v)]
+        if good:
+            out[pair] = float(np.mean(good))
+    return out
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (here: per-pair means, so pairs are the unit that is
+    resampled: the interval says how much the figure would move with other held-out people and styles)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float(v.mean())
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    boots = v[idx].mean(axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def _stats(per_pair: dict[str, list[float]]) -> dict:
+    """Mean over pairs of the per-pair means, its bootstrap 95 % interval (over pairs), and the std of all values."""
+    means = pair_means(per_pair)
+    if not means:
+        return {"mean": None, "ci": None, "std": None, "pairs": 0}
     vals = [v for vs in per_pair.values() for v in vs if v is not None and not math.isnan(v)]
-    if not vals:
-        return None, None, None
-    means = [float(np.mean([v for v in vs if v is not None])) for vs in per_pair.values() if vs]
-    return float(np.mean(vals)), float(np.std(vals)), float(np.std(means)) if len(means) > 1 else 0.0
+    m = list(means.values())
+    return {"mean": float(np.mean(m)), "ci": bootstrap_ci(m), "std": float(np.std(vals)), "pairs": len(m)}
+
+
+def compare(a: dict[str, list[float]], b: dict[str, list[float]], higher_is_better: bool = True) -> dict:
+    """Paired comparison of two rows over the pairs both have: the mean per-pair difference a - b, its bootstrap
+    95 % interval, and a verdict: ``"better"`` / ``"worse"`` (for a, given which direction is better) when the
+    interval excludes 0, else ``"cannot tell"``."""
+    ma, mb = pair_means(a), pair_means(b)
+    common = sorted(set(ma) & set(mb))
+    if len(common) < 2:
+        return {"diff": None, "ci": None, "pairs": len(common), "verdict": "cannot tell"}
+    d = [ma[p] - mb[p] for p in common]
+    lo, hi = bootstrap_ci(d)
+    if higher_is_better:
+        verdict = "better" if lo > 0 else "worse" if hi < 0 else "cannot tell"
+    else:
+        verdict = "better" if hi < 0 else "worse" if lo > 0 else "cannot tell"
+    return {"diff": float(np.mean(d)), "ci": (lo, hi), "pairs": len(common), "verdict": verdict}
 
 
 def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] = DEFAULT_METHODS,
@@ -312,12 +352,12 @@ def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] 
     for method, by_metric in values.items():
         row = {"method": method}
         for metric, per_pair in by_metric.items():
-            mean, std, pair_std = _stats(per_pair)
-            row[metric] = {"mean": mean, "std": std, "pair_std": pair_std}
+            row[metric] = _stats(per_pair)
         rows.append(row)
+    claims = paper_claims(values)
     summary = {"pairs": [p.name for p in pairs], "methods": list(methods), "images_per_pair": images,
                "sampling_steps": steps, "guidance": guidance, "seed": seed, "quick": quick,
-               "settings": overrides, "rows": rows, "values": values, "failed": [
+               "settings": overrides, "rows": rows, "claims": claims, "values": values, "failed": [
                    {"pair": c["pair"], "method": c["method"], "error": c.get("error")} for c in result.failed],
                "timings": timings, "total_s": round(time.time() - t0)}
     write_json(out / "table.json", summary)
@@ -327,10 +367,44 @@ def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] 
     return summary
 
 
+#: the paper's claims as ordered comparisons (a, b, metric, higher is better): identity (Table 1's CSIM order),
+#: style, and Attention Refocusing's purpose (the identity token's attention stays on the face)
+PAPER_CLAIMS = (
+    ("magicapture", "magicapture-no-ar-cp", "csim", True),
+    ("magicapture-no-ar-cp", "custom-diffusion", "csim", True),
+    ("custom-diffusion", "textual-inversion", "csim", True),
+    ("textual-inversion", "dreambooth", "csim", True),
+    ("magicapture", "dreambooth", "csim", True),
+    ("magicapture", "custom-diffusion", "csim", True),
+    ("magicapture", "magicapture-no-cp", "csim", True),
+    ("magicapture", "magicapture-no-ar", "csim", True),
+    ("magicapture", "custom-diffusion", "style", True),
+    ("magicapture", "dreambooth", "style", True),
+    ("magicapture", "textual-inversion", "style", True),
+    ("magicapture", "magicapture-no-ar", "spill", False),
+    ("magicapture", "magicapture-no-ar-cp", "spill", False),
+)
+
+
+def paper_claims(values: dict) -> list[dict]:
+    """Each of :data:`PAPER_CLAIMS` whose two rows were run: the paired comparison and whether this world confirms
+    the claim (interval on the claimed side of 0), contradicts it (on the other side) or cannot tell."""
+    out = []
+    for a, b, metric, higher in PAPER_CLAIMS:
+        if a not in values or b not in values:
+            continue
+        c = compare(values[a][metric], values[b][metric], higher)
+        c.update(a=a, b=b, metric=metric, higher_is_better=higher,
+                 says={"better": "confirms", "worse": "contradicts"}.get(c["verdict"], "cannot tell"))
+        out.append(c)
+    return out
+
+
 def _cell(stat: dict, digits: int = 3) -> str:
     if stat.get("mean") is None:
         return "-"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f} ({stat['pair_std']:.{digits}f})"
+    lo, hi = stat["ci"]
+    return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def markdown(summary: dict) -> str:
@@ -341,12 +415,19 @@ def markdown(summary: dict) -> str:
             row["method"], row["method"])
         lines.append(f"| {name} | {_cell(row['csim'])} | {_cell(row['style'])} | {_cell(row['spill'])} | "
                      f"{_cell(row['picture_spill'])} |")
-    lines += ["", f"mean ± std over {summary['images_per_pair']} images x {len(summary['pairs'])} pair(s) "
-              f"(std of the per-pair means in brackets); composed prompt, {summary['sampling_steps']} DDIM steps, "
+    lines += ["", f"mean over {len(summary['pairs'])} pair(s) of each pair's mean over {summary['images_per_pair']} "
+              "images, with its 95 % bootstrap interval over pairs; composed prompt, {summary['sampling_steps']} DDIM steps, "
               f"guidance {summary['guidance']}, seeds {summary['seed']}..{summary['seed'] + summary['images_per_pair'] - 1}. "
               "Spill = share of the identity token's cross-attention (8x8 layers) outside the face: during generation "
               "(face = the world's un-jittered face ellipse), and on the 5 source pictures noised to t = 100/300/500/700 "
               "(their true face masks; the quantity training logs as attn_spill_v1). A face-blind token scores ~0.88."]
+    if summary.get("claims"):
+        lines += ["", "| the paper's claim | metric | difference, paired over pairs [95 % CI] | this world |",
+                  "|---|---|---:|---|"]
+        for c in summary["claims"]:
+            op = ">" if c["higher_is_better"] else "<"
+            diff = "-" if c["diff"] is None else f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+            lines.append(f"| {c['a']} {op} {c['b']} | {c['metric']} | {diff} | {c['says']} |")
     if summary["failed"]:
         lines += ["", "Failed cells: " + "; ".join(f"{f['pair']}/{f['method']}: {f['error']}" for f in summary["failed"])]
     return "\n".join(lines) + "\n"
