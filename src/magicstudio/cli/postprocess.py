@@ -17,13 +17,13 @@ _NOT_TEXT = {"dpi", "gamma", "transparency", "aspect", "icc_profile", "exif", "s
 
 def _gather(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     """Files to process (folders expand to their images, not recursively) and one-line reasons for bad paths."""
-    from ..data.images import list_images
+    from ..data.images import list_generated
 
     files: list[Path] = []
     problems: list[str] = []
     for path in inputs:
         if path.is_dir():
-            found = list_images(path)
+            found = list_generated(path)  # not the heatmaps, mask strips or -post copies beside the images
             if not found:
                 problems.append(f"{path}: no images in this folder")
             files += found
