@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
@@ -24,7 +25,33 @@ def _register() -> None:
     from . import commands  # noqa: F401  (each module adds its commands to `app`)
 
 
+_ARGV: list[str] = []  # the arguments of the running command (for the `--resume` hint)
+
+
+def resume_command(extra: str = "--resume") -> str:
+    """The running command line with ``extra`` added (once): what continues an interrupted run."""
+    import shlex
+
+    args = list(_ARGV) if _ARGV else sys.argv[1:]
+    if extra not in args:
+        args.append(extra)
+    return shlex.join(["magicstudio", *args])
+
+
+def interrupted(exc) -> "typer.Exit":
+    """Ctrl-C during training (a ``training.feedback.TrainingInterrupted``): say where the checkpoint is and the
+    exact command that continues the run; exit code 130, as for any Ctrl-C."""
+    if exc.checkpoint is not None:
+        typer.secho(f"interrupted at step {exc.step}/{exc.total}: checkpoint {exc.checkpoint}\n"
+                    f"continue with: {resume_command()}", err=True, fg=typer.colors.YELLOW)
+    else:
+        typer.secho("interrupted before the first step finished: nothing to resume (start again)", err=True)
+    return typer.Exit(131)  # 131: told already (main turns it into 130 without another "interrupted")
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=os.environ.get("MAGICSTUDIO_LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     _register()
     try:
@@ -35,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.secho("interrupted", err=True)
         return 130
     except typer.Exit as exc:
-        return exc.exit_code
+        return 130 if exc.exit_code == 131 else exc.exit_code
     except typer.Abort:
         return 1
     except OSError as exc:  # the file system said no (exists, not a folder, permission, disk full, ...)
@@ -52,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                      "the traceback)", 1)
     # without standalone mode typer returns exit codes instead of raising: 130 for Ctrl-C, N for typer.Exit(N)
     if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+        if rv == 131:
+            return 130
         if rv == 130:
             typer.secho("interrupted", err=True)
         return rv

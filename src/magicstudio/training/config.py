@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import UserError
@@ -51,6 +51,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: only at the end
+    sample_prompts: list = field(default_factory=list)  # the sample grids' prompts, one row each; []: the composed prompt
     sample_steps: int = 25
     log_every: int = 1
 

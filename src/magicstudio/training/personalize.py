@@ -159,7 +159,7 @@ def check_seed(seed: int) -> None:
 
 #: settings a resumed run may take from the resuming command: they change when and what is logged, saved or
 #: sampled, or how memory is traded for time (the same arithmetic), never the weights
-RESUME_SAFE = frozenset({"checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps", "log_every",
+RESUME_SAFE = frozenset({"checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps", "sample_prompts", "log_every",
                          "gradient_checkpointing", "decode_checkpointing"})
 
 

@@ -33,7 +33,7 @@ from .state import load_state, save_state
 CKPT_PREFIX = "step-"
 #: what a run folder may hold besides the user's own notes: anything else means --out is somebody's folder
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "samples", "embeddings", "prepared", "logs", "DONE",
-               "pytorch_lora_weights.safetensors", "a1111", "generated", "class_images", "state"}
+               "pytorch_lora_weights.safetensors", "a1111", "generated", "class_images", "state", "loss.png"}
 
 
 class RunDir:
