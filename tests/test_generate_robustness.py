@@ -171,3 +171,22 @@ def test_heatmaps_are_not_images(run, tmp_path, capsys, demo_sets):
     rc = main(["postprocess", str(out), "-o", str(tmp_path / "post"), "--sr", "lanczos", "-q"])
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "post").glob("*.png")) == [f"{i:03d}-seed{i}.png" for i in range(3)]
+
+
+def test_library_notices_silenced_unless_verbose(run, tmp_path):
+    """transformers' torchvision fallback and `mean_resizing` notices are silenced at start-up; `-v` shows them."""
+    import subprocess
+    import sys
+
+    def stderr(*pre):
+        cmd = [sys.executable, "-m", "magicstudio", *pre, "capture", "generate", str(run), "--steps", "1", "-n", "1",
+               "-o", str(tmp_path / f"out{len(pre)}")]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}  # conftest quiets them
+        env["OMP_NUM_THREADS"] = "1"
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    quiet = stderr()
+    assert "mean_resizing" not in quiet and "[transformers]" not in quiet, quiet
+    assert "mean_resizing" in stderr("-v")

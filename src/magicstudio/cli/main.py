@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import typer
 
@@ -18,6 +19,53 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
+
+
+#: libraries whose start-up notices a user cannot act on (e.g. transformers' "`CLIPImageProcessor` requires
+#: torchvision ... falling back", "mean_resizing", torchvision/diffusers deprecations); ``-v`` shows them again
+QUIET_LIBRARIES = ("transformers", "diffusers", "torchvision", "peft", "accelerate", "huggingface_hub", "timm")
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own warnings and notices, once, before any of them is imported; magicstudio's own
+    warnings (its loggers, ``warning:`` lines) stay."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tensorboard's TensorFlow probe
+    pattern = "|".join(QUIET_LIBRARIES)
+    warnings.filterwarnings("ignore", module=rf"({pattern})(\.|$)")
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _verbose(argv: list[str]) -> bool:
+    """``-v`` / ``--verbose`` before the command name (``magicstudio -v capture train ...``)."""
+    for arg in argv:
+        if arg in ("-v", "--verbose"):
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"magicstudio {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print magicstudio's version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Details: magicstudio's info messages and the "
+                                 "libraries' own warnings (silenced otherwise). Before the command: magicstudio -v CMD."),
+) -> None:
+    """Personalised studio portraits with Stable Diffusion (MagiCapture, MagicFace, MagicTailor)."""
 
 
 def _register() -> None:
@@ -52,7 +100,11 @@ def interrupted(exc) -> "typer.Exit":
 def main(argv: list[str] | None = None) -> int:
     global _ARGV
     _ARGV = list(argv) if argv is not None else sys.argv[1:]
-    logging.basicConfig(level=os.environ.get("MAGICSTUDIO_LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    verbose = _verbose(_ARGV)
+    if not verbose:
+        quiet_libraries()
+    level = "INFO" if verbose else os.environ.get("MAGICSTUDIO_LOGLEVEL", "WARNING")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     _register()
     try:
         rv = app(args=argv, standalone_mode=False)

@@ -89,9 +89,9 @@ def postprocess_cmd(
                                                    "GFPGANv1.4.pth: restore faces (skipped without it)."),
     fidelity: float = typer.Option(0.5, "--fidelity", help="CodeFormer fidelity w: 0 = quality, 1 = faithful to the input."),
     restore_backend: str = typer.Option("auto", "--restore-backend", help="auto (from the weights), codeformer or gfpgan."),
-    all_faces: bool = typer.Option(False, "--all-faces", help="Restore every detected face, not only the main one."),
+    all_faces: bool = typer.Option(False, "--all-faces/--no-all-faces", help="Restore every detected face, not only the main one."),
     sr_device: str = typer.Option("auto", "--sr-device", help="Real-ESRGAN device: auto, cpu or a GPU number."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet/--no-quiet", "-q", help="Print only problems."),
 ) -> None:
     """Upscale images (Real-ESRGAN or Lanczos) and restore their faces (CodeFormer/GFPGAN), like MagiCapture's authors."""
     from ..data.images import open_image, to_rgb

@@ -131,6 +131,7 @@ def _generate(pipe, cfg, tokens, run_dir, out, prompt, negative, num_images, see
     paths = []
     for i in range(num_images):
         s = seed + i
+        pipe.set_progress_bar_config(desc=f"image {i + 1}/{num_images} (seed {s})", leave=False)
         g = torch.Generator().manual_seed(s)
         kwargs = dict(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,
                       guidance_scale=guidance, height=size, width=size, generator=g)
