@@ -101,7 +101,7 @@ def generate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Default: RUN/generated."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the run's base model (same architecture)."),
     upscale: int = typer.Option(0, "--upscale", help="Also write a post-processed copy upscaled by 2 or 4 (0: off)."),
-    sr: str = typer.Option("realesrgan", "--sr", help="Super-resolution: realesrgan (magicstudio[upscale]) or lanczos."),
+    sr: str = typer.Option("auto", "--sr", help="Super-resolution: auto (Real-ESRGAN when installed, else Lanczos), realesrgan (magicstudio[upscale]) or lanczos."),
     restore_weights: Optional[str] = typer.Option(None, "--restore-weights", help="CodeFormer/GFPGAN weights for face restoration."),
     fidelity: float = typer.Option(0.5, "--fidelity", help="CodeFormer fidelity w (0: quality, 1: fidelity)."),
 ) -> None:

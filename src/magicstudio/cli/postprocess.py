@@ -83,8 +83,8 @@ def postprocess_cmd(
     inputs: List[Path] = typer.Argument(..., help="Images, or folders of images (PNG metadata is carried over)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNG files; the inputs are never modified)."),
     scale: int = typer.Option(2, "--scale", help="Upscaling factor (1 = none; the authors use 2)."),
-    sr: str = typer.Option("realesrgan", "--sr", help="Super-resolution: realesrgan (x4plus; needs the "
-                           "upscale extra) or lanczos."),
+    sr: str = typer.Option("auto", "--sr", help="Super-resolution: auto (Real-ESRGAN when installed, else "
+                           "Lanczos; says which), realesrgan (x4plus; needs the upscale extra) or lanczos."),
     restore_weights: Optional[Path] = typer.Option(None, "--restore-weights", help="codeformer.pth or "
                                                    "GFPGANv1.4.pth: restore faces (skipped without it)."),
     fidelity: float = typer.Option(0.5, "--fidelity", help="CodeFormer fidelity w: 0 = quality, 1 = faithful to the input."),
@@ -97,10 +97,13 @@ def postprocess_cmd(
     from ..data.images import open_image, to_rgb
     from ..postprocess import postprocess
     from ..postprocess.restore import load_restorer
-    from ..postprocess.upscale import SR_BACKENDS, realesrgan_status
+    from ..postprocess.upscale import SR_BACKENDS, best_sr_backend, realesrgan_status
 
-    if sr not in SR_BACKENDS:
-        raise UserError(f"--sr must be one of {', '.join(SR_BACKENDS)}, got {sr!r}")
+    if sr not in ("auto", *SR_BACKENDS):
+        raise UserError(f"--sr must be one of auto, {', '.join(SR_BACKENDS)}, got {sr!r}")
+    sr, note = best_sr_backend(sr) if scale > 1 else (("lanczos", "") if sr == "auto" else (sr, ""))
+    if note and not quiet:
+        typer.echo(note)
     limit = 4 if sr == "realesrgan" else 8
     if not 1 <= scale <= limit:
         raise UserError(f"--scale must be between 1 and {limit} for {sr}, got {scale}")

@@ -64,7 +64,7 @@ def _load_postprocessor(upscale: int, sr: str, restore_weights: str | None, fide
     from ..postprocess import SR_BACKENDS, load_restorer, realesrgan_status
 
     if sr not in SR_BACKENDS:
-        raise UserError(f"unknown super-resolution backend {sr!r}: use {' or '.join(SR_BACKENDS)}")
+        raise UserError(f"unknown super-resolution backend {sr!r}: use auto, {' or '.join(SR_BACKENDS)}")
     if upscale > 1 and sr == "realesrgan":
         ok, why = realesrgan_status()
         if not ok:
@@ -94,7 +94,7 @@ def default_prompt(cfg: dict) -> str:
 def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str | None = None, negative: str = "",
              num_images: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5, scheduler: str = "ddim",
              save_attention: bool = False, size: int | None = None, model: str | None = None, upscale: int = 0,
-             sr: str = "realesrgan", restore_weights: str | None = None, fidelity: float = 0.5) -> list[Path]:
+             sr: str = "auto", restore_weights: str | None = None, fidelity: float = 0.5) -> list[Path]:
     """Generate ``num_images`` PNGs (one seed each: ``seed``, ``seed+1``, ...) into ``out_dir``.
 
     With ``upscale`` > 1 or ``restore_weights``, each image is also post-processed (the paper's super-resolution
@@ -104,6 +104,12 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
     if num_images < 1 or steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
     check_image_seeds(seed, num_images)
+    if sr == "auto":  # the best one installed, said once
+        from ..postprocess import best_sr_backend
+
+        sr, note = best_sr_backend(sr)
+        if upscale > 1:
+            (log.info if sr == "realesrgan" else log.warning)("%s", note)
     restorer = _load_postprocessor(upscale, sr, restore_weights, fidelity)
     post = upscale > 1 or restorer is not None
     from ..allocator import tune
