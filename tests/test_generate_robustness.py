@@ -152,3 +152,41 @@ def test_negative_and_largest_seeds_still_work(run, tmp_path):
     paths = generate(run, tmp_path / "out", num_images=1, steps=2, seed=-1)
     paths += generate(run, tmp_path / "out", num_images=1, steps=2, seed=2**64 - 1)
     assert [p.name for p in paths] == ["000-seed-1.png", f"000-seed{2**64 - 1}.png"]
+
+
+def test_heatmaps_are_not_images(run, tmp_path, capsys, demo_sets):
+    """The README's flow: `generate --save-attention`, then `evaluate` and `postprocess` on the folder. The
+    `*-attention.png` heatmaps (and `-post` copies) beside the images are companions, not samples: n counts the
+    generated images only, and postprocess writes one output per generated image."""
+    out = tmp_path / "gen"
+    rc = main(["capture", "generate", str(run), "--steps", "2", "--num-images", "3", "--save-attention", "-o", str(out)])
+    assert rc == 0
+    assert len(list(out.glob("*-attention.png"))) == 3 and len(_pngs(out)) == 6
+    capsys.readouterr()
+    rc = main(["evaluate", "-g", str(out), "-r", str(demo_sets[1]), "-m", "style,clip_t", "--clip-model", "tiny",
+               "-o", str(tmp_path / "report.json")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "(n=3," in text and "(n=6," not in text, text
+    rc = main(["postprocess", str(out), "-o", str(tmp_path / "post"), "--sr", "lanczos", "-q"])
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "post").glob("*.png")) == [f"{i:03d}-seed{i}.png" for i in range(3)]
+
+
+def test_library_notices_silenced_unless_verbose(run, tmp_path):
+    """transformers' torchvision fallback and `mean_resizing` notices are silenced at start-up; `-v` shows them."""
+    import subprocess
+    import sys
+
+    def stderr(*pre):
+        cmd = [sys.executable, "-m", "magicstudio", *pre, "capture", "generate", str(run), "--steps", "1", "-n", "1",
+               "-o", str(tmp_path / f"out{len(pre)}")]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}  # conftest quiets them
+        env["OMP_NUM_THREADS"] = "1"
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    quiet = stderr()
+    assert "mean_resizing" not in quiet and "[transformers]" not in quiet, quiet
+    assert "mean_resizing" in stderr("-v")

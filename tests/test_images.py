@@ -179,3 +179,15 @@ def test_demo_sets_are_deterministic_photo_folders(tmp_path):
         assert len(files) == 4
         assert [f.read_bytes() for f in files] == [f.read_bytes() for f in list_images(two)]
         assert all(min(load_image(f).size) >= 256 for f in files)
+
+
+def test_companion_pictures_are_not_generated_images(tmp_path):
+    from magicstudio.data.images import list_generated
+
+    names = ["000-seed0.png", "000-seed0-attention.png", "001-seed1-2.png", "001-seed1-2-attention.png",
+             "000-seed0-post.png", "002-seed2-masks.png", "references.png", "references-2.png", "preview.png",
+             "my-preview.png", "masks.png"]
+    for n in names:
+        Image.new("RGB", (4, 4)).save(tmp_path / n)
+    assert [p.name for p in list_generated(tmp_path)] == ["000-seed0.png", "001-seed1-2.png", "masks.png",
+                                                          "my-preview.png"]

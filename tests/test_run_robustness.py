@@ -62,13 +62,13 @@ def test_resume_without_a_run_is_refused(demo_sets, tmp_path, capsys):
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(demo_sets, tmp_path, capsys):
-    """A setting that only fails once the method is built (here: a DINO model that does not exist) leaves a
-    config.yaml; the folder must not be stuck as an 'unfinished run' whose bad setting wins on resume."""
+    """A setting that only fails once the method is built (here: a DINO model that does not exist, after
+    config.yaml was written): no folder is left behind (issue 17), so the corrected command simply starts."""
     out = tmp_path / "run"
     assert main(_train_args(demo_sets, out, "--mode", "object", "--dino-model", str(tmp_path / "no-dino"))) == 2
     _one_error_line(capsys)
-    assert (out / "config.yaml").is_file() and RunDir(out).latest_checkpoint() is None
-    assert main(_train_args(demo_sets, out, "--resume")) == 0  # corrected command, with --resume: fresh start
+    assert not out.exists()
+    assert main(_train_args(demo_sets, out)) == 0  # the corrected command
     assert RunDir(out).is_done()
     assert RunDir(out).read_config()["mode"] == "portrait"
 

@@ -52,11 +52,12 @@ def demo(
 
 def _toy_demo(out: Path, steps: int) -> None:
     import numpy as np
+    from PIL import Image
 
     from ..data import toyworld as tw
     from ..evaluation import evaluate_images
     from ..methods.magicapture import make_config, run_training
-    from ..training.generate import generate
+    from ..training.generate import default_prompt, generate
     from ..experiments.toyworld.table import TOY_SETTINGS, base_images
 
     typer.echo(TOY_NOTE + "\n")
@@ -74,7 +75,9 @@ def _toy_demo(out: Path, steps: int) -> None:
                f"{settings['lora_steps']} LoRA steps: composed prompts, identity loss, Attention Refocusing) ...")
     run = run_training(src, ref, out / "run", make_config("smoke", **settings))
     typer.echo("4/5 generating 'a photo of a <v1> person in the style of <v2>' with <v1>/<v2> attention maps ...")
-    paths = generate(run.path, out / "generated", num_images=4, steps=25, guidance=5.0, save_attention=True)
+    maps: list = []
+    paths = generate(run.path, out / "generated", num_images=4, steps=25, guidance=5.0, save_attention=True,
+                     attention_maps=maps)
     scores = evaluate_images(paths, src, ref, metrics=["csim", "style"], face_backend="toyworld", clip_model="toyworld")
     base = base_images(out / "base", 4, steps=25, guidance=5.0)
     base_scores = evaluate_images(base, src, ref, metrics=["csim", "style"], face_backend="toyworld",
@@ -82,11 +85,18 @@ def _toy_demo(out: Path, steps: int) -> None:
     for name, rep in (("personalised", scores), ("base model", base_scores)):
         s = rep["summary"]
         typer.echo(f"    {name:>12}: toy-CSIM {s['csim']['mean']:.3f}, toy-Style {s['style']['mean']:.3f}")
-    from PIL import Image
+    from . import demo_figures as fig
 
-    tiles = [np.asarray(Image.open(p).convert("RGB")) for p in
-             sorted((src / "images").glob("*.png"))[:4] + sorted((ref / "images").glob("*.png"))[:4] + list(paths)]
-    tw.grid(tiles, 4).resize((4 * 128, 3 * 128), Image.NEAREST).save(out / "overview.png")
+    fig.overview(sorted((src / "images").glob("*.png"))[:4], sorted((ref / "images").glob("*.png"))[:4], base, paths,
+                 person=person.describe(), style=style.describe(), base_prompt="a photo of a person",
+                 prompt=default_prompt(run.read_config()), base_summary=base_scores["summary"],
+                 summary=scores["summary"]).save(out / "overview.png")
+    face = tw.canonical_portrait().masks["face"]
+    picture, shares = fig.attention(paths, maps, run.read_config()["tokens"], face)
+    picture.save(out / "attention.png")
+    mean = np.nanmean(np.array(shares), axis=0)
+    typer.echo(f"    attention on the face: <v1> {mean[0]:.0%}, <v2> {mean[1]:.0%} (the face is "
+               f"{float((face > 0).mean()):.0%} of the picture; attention.png)")
     typer.echo("5/5 MagicFace (training-free): the toy person's face with another person's hair, RSA then RBA ...")
     from ..methods.magicface import run_magicface
 
@@ -95,13 +105,18 @@ def _toy_demo(out: Path, steps: int) -> None:
     donor = tw.render(tw.HELD_OUT_IDENTITIES[1], tw.HELD_OUT_STYLES[1], np.random.default_rng(1))
     Image.fromarray(donor.image).save(hair_dir / "donor.png")
     Image.fromarray(np.where(donor.masks["face"] > 0, 0, donor.masks["head"]).astype(np.uint8)).save(hair_dir / "hair.png")
-    face_paths = run_magicface([f"person={src / 'images' / 'source-00.png'}:{src / 'masks' / 'face' / 'source-00.png'}",
-                                f"hair={hair_dir / 'donor.png'}:{hair_dir / 'hair.png'}"],
-                               "a photo of a person with hair", out / "magicface", model="toyworld", steps=25,
-                               guidance=5.0, save_masks=True)
+    face_ref = (src / "images" / "source-00.png", src / "masks" / "face" / "source-00.png")
+    mf_prompt = "a photo of a person with hair"
+    face_paths = run_magicface([f"person={face_ref[0]}:{face_ref[1]}", f"hair={hair_dir / 'donor.png'}:{hair_dir / 'hair.png'}"],
+                               mf_prompt, out / "magicface", model="toyworld", steps=25, guidance=5.0, save_masks=True)
+    last = [max((out / "magicface" / "masks" / p.stem).glob("step*.png"), default=None) for p in face_paths]
+    fig.magicface([("person", *face_ref), ("hair", hair_dir / "donor.png", hair_dir / "hair.png")], face_paths, last,
+                  mf_prompt).save(out / "magicface.png")
     typer.echo("")
     typer.echo(f"done. Everything is in {out.resolve()}:")
-    typer.echo("  overview.png             row 1: the person, row 2: the style, row 3: MagiCapture's composed images")
+    typer.echo("  overview.png             the person and the style (top); the base model and MagiCapture (bottom), scored")
+    typer.echo("  attention.png            where <v1> and <v2> look in each generated image (face outlined)")
+    typer.echo("  magicface.png            MagicFace's references, result and segmentation")
     typer.echo("  prepared/*/preview.png   the toy photos with their masks")
     typer.echo("  run/                     LoRA, embeddings, A1111 exports, metrics.jsonl, samples/")
     typer.echo(f"  generated/               {len(paths)} images and their attention maps")

@@ -24,12 +24,12 @@ def evaluate(
              "Default: the prompt stored in magicstudio's PNGs."),
     metrics: Optional[str] = typer.Option(
         None, "--metrics", "-m",
-        help="Comma-separated: csim,face_sim,style,aesthetic,clip_t,clip_i,dino,dreamsim "
-             "(default csim,style,aesthetic,clip_t,clip_i,dino)."),
+        help="Comma-separated, of: csim, face_sim, style, aesthetic, clip_t, clip_i, dino, dreamsim "
+             "(default: csim, style, aesthetic, clip_t, clip_i, dino)."),
     face_backend: str = typer.Option(
-        "dlib", "--face-backend", help="dlib (offline), arcface:PATH (backbone.pth) or insightface:PATH.onnx."),
+        "dlib", "--face-backend", help="dlib (offline), arcface:PATH (backbone.pth), insightface:PATH.onnx, or toyworld (the toy world's identity encoder)."),
     clip_model: Optional[str] = typer.Option(
-        None, "--clip-model", help="CLIP hub id or folder (default openai/clip-vit-large-patch14), or tiny."),
+        None, "--clip-model", help="CLIP hub id or folder (default openai/clip-vit-large-patch14), tiny, or toyworld (the toy world's style encoder)."),
     dino_model: Optional[str] = typer.Option(
         None, "--dino-model", help="DINO hub id or folder (default facebook/dino-vits16), or tiny."),
     aesthetic_head: Optional[str] = typer.Option(

@@ -27,8 +27,8 @@ def face(
     negative: str = typer.Option("", "--negative", help="Negative prompt."),
     size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default: the model's)."),
     layers: str = typer.Option("up:1+2", "--layers", help="Replaced self-attention layers: up:<factors>, res:<factors>, all, or a regex."),
-    save_masks: bool = typer.Option(False, "--save-masks", help="Also write the per-step segmentation pictures."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    save_masks: bool = typer.Option(False, "--save-masks/--no-save-masks", help="Also write the per-step segmentation pictures."),
+    quiet: bool = typer.Option(False, "--quiet/--no-quiet", "-q", help="No progress output."),
 ) -> None:
     """Put the people and things of reference photos into a prompt, without training (RSA + RBA)."""
     from ..methods.magicface import run_magicface

@@ -17,13 +17,13 @@ _NOT_TEXT = {"dpi", "gamma", "transparency", "aspect", "icc_profile", "exif", "s
 
 def _gather(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     """Files to process (folders expand to their images, not recursively) and one-line reasons for bad paths."""
-    from ..data.images import list_images
+    from ..data.images import list_generated
 
     files: list[Path] = []
     problems: list[str] = []
     for path in inputs:
         if path.is_dir():
-            found = list_images(path)
+            found = list_generated(path)  # not the heatmaps, mask strips or -post copies beside the images
             if not found:
                 problems.append(f"{path}: no images in this folder")
             files += found
@@ -83,24 +83,27 @@ def postprocess_cmd(
     inputs: List[Path] = typer.Argument(..., help="Images, or folders of images (PNG metadata is carried over)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNG files; the inputs are never modified)."),
     scale: int = typer.Option(2, "--scale", help="Upscaling factor (1 = none; the authors use 2)."),
-    sr: str = typer.Option("realesrgan", "--sr", help="Super-resolution: realesrgan (x4plus; needs the "
-                           "upscale extra) or lanczos."),
+    sr: str = typer.Option("auto", "--sr", help="Super-resolution: auto (Real-ESRGAN when installed, else "
+                           "Lanczos; says which), realesrgan (x4plus; needs the upscale extra) or lanczos."),
     restore_weights: Optional[Path] = typer.Option(None, "--restore-weights", help="codeformer.pth or "
                                                    "GFPGANv1.4.pth: restore faces (skipped without it)."),
     fidelity: float = typer.Option(0.5, "--fidelity", help="CodeFormer fidelity w: 0 = quality, 1 = faithful to the input."),
     restore_backend: str = typer.Option("auto", "--restore-backend", help="auto (from the weights), codeformer or gfpgan."),
-    all_faces: bool = typer.Option(False, "--all-faces", help="Restore every detected face, not only the main one."),
+    all_faces: bool = typer.Option(False, "--all-faces/--no-all-faces", help="Restore every detected face, not only the main one."),
     sr_device: str = typer.Option("auto", "--sr-device", help="Real-ESRGAN device: auto, cpu or a GPU number."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet/--no-quiet", "-q", help="Print only problems."),
 ) -> None:
     """Upscale images (Real-ESRGAN or Lanczos) and restore their faces (CodeFormer/GFPGAN), like MagiCapture's authors."""
     from ..data.images import open_image, to_rgb
     from ..postprocess import postprocess
     from ..postprocess.restore import load_restorer
-    from ..postprocess.upscale import SR_BACKENDS, realesrgan_status
+    from ..postprocess.upscale import SR_BACKENDS, best_sr_backend, realesrgan_status
 
-    if sr not in SR_BACKENDS:
-        raise UserError(f"--sr must be one of {', '.join(SR_BACKENDS)}, got {sr!r}")
+    if sr not in ("auto", *SR_BACKENDS):
+        raise UserError(f"--sr must be one of auto, {', '.join(SR_BACKENDS)}, got {sr!r}")
+    sr, note = best_sr_backend(sr) if scale > 1 else (("lanczos", "") if sr == "auto" else (sr, ""))
+    if note and not quiet:
+        typer.echo(note)
     limit = 4 if sr == "realesrgan" else 8
     if not 1 <= scale <= limit:
         raise UserError(f"--scale must be between 1 and {limit} for {sr}, got {scale}")

@@ -20,7 +20,7 @@ def prepare(
     masks: Optional[Path] = typer.Option(
         None, "--masks",
         help="Folder of your own masks: <stem>.png or face|head|person/<stem>.png, same size as each photo."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+    quiet: bool = typer.Option(False, "--quiet/--no-quiet", "-q", help="Print only errors."),
 ) -> None:
     """Crop photos (source: square around the face; reference: centre crop) and compute face/head/person masks."""
     from ..data.prepare import prepare_folder  # validates role, size and folders before any work

@@ -85,8 +85,8 @@ def table(
     steps: int = typer.Option(25, "--steps", help="Sampling steps."),
     guidance: float = typer.Option(5.0, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
-    quick: bool = typer.Option(False, "--quick", help="A few training steps per method (checks the path, not results)."),
-    set_: List[str] = typer.Option([], "--set", help="[METHOD.]KEY=VALUE on top of the toy settings, e.g. "
+    quick: bool = typer.Option(False, "--quick/--no-quick", help="A few training steps per method (checks the path, not results)."),
+    set_: List[str] = typer.Option([], "--set", metavar="[METHOD.]KEY=VALUE", help="[METHOD.]KEY=VALUE on top of the toy settings, e.g. "
                                    "magicapture.lora_lr=5e-4 (magicapture. covers its ablations; repeatable)."),
 ) -> None:
     """Personalise held-out toy people and styles with every method through the benchmark harness and write

@@ -49,6 +49,25 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: (p.name.lower(), p.name))
 
 
+#: The one rule for "which files in an output folder are the generated images": magicstudio writes companion
+#: pictures beside them that are no samples: attention heatmaps (``NNN-seedS-attention.png``), MagicFace's
+#: segmentation strips (``*-masks.png``), a post-processed copy beside its image (``*-post.png``), MagicFace's
+#: reference preview (``references.png``) and ``prepare``'s ``preview.png`` (``-2``, ``-3`` when a name was taken).
+#: Matched on the file's stem.
+COMPANION_STEM = re.compile(r"(?:-(?:attention|masks|post)|^(?:references|preview)(?:-\d+)?)$")
+
+
+def is_companion(path: str | os.PathLike) -> bool:
+    """True for a companion picture magicstudio writes next to generated images (``COMPANION_STEM``)."""
+    return bool(COMPANION_STEM.search(Path(path).stem))
+
+
+def list_generated(folder: str | os.PathLike) -> list[Path]:
+    """The generated images in ``folder``: ``list_images`` without the companion pictures (heatmaps, mask strips,
+    post-processed copies, previews). Used by ``evaluate``, ``postprocess`` and every gallery."""
+    return [p for p in list_images(folder) if not is_companion(p)]
+
+
 @contextmanager
 def _pixel_limit():
     """Pillow's decompression-bomb guard set to ``MAX_PIXELS`` for the block (yields the limit), then restored.

@@ -32,7 +32,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data.faces import Face
-from ..data.images import list_images, load_image
+from ..data.images import list_generated, list_images, load_image
 from ..errors import UserError
 from .report import summarise
 
@@ -74,7 +74,8 @@ def _collect(spec: Any, role: str) -> list[_Item] | None:
             if is_prepared(p):
                 items += [_Item(it.image, prepared=it) for it in load_prepared(p).items]
             else:
-                items += [_Item(f) for f in list_images(p)]
+                listed = list_generated(p) if role == "generated" else list_images(p)  # heatmaps are no samples
+                items += [_Item(f) for f in listed]
         elif p.is_file():
             items.append(_Item(p))
         else:

@@ -25,11 +25,11 @@ from .restore import (
     load_restorer,
     restore_faces,
 )
-from .upscale import SR_BACKENDS, realesrgan_status, upscale
+from .upscale import SR_BACKENDS, best_sr_backend, realesrgan_status, upscale
 
 __all__ = [
     "CodeFormer", "CodeFormerRestorer", "FaceRestorer", "GFPGAN", "GFPGANRestorer", "PostprocessReport",
-    "RestoreReport", "SR_BACKENDS", "load_restorer", "postprocess", "realesrgan_status", "restore_faces", "upscale",
+    "RestoreReport", "SR_BACKENDS", "best_sr_backend", "load_restorer", "postprocess", "realesrgan_status", "restore_faces", "upscale",
 ]
 
 

@@ -103,6 +103,18 @@ def realesrgan_status() -> tuple[bool, str]:
     return True, ""
 
 
+def best_sr_backend(requested: str = "auto") -> tuple[str, str]:
+    """The super-resolution backend for ``requested`` (``auto``: Real-ESRGAN when it can be loaded here, else
+    Lanczos) and a one-line note saying which and why (empty for an explicit choice)."""
+    if requested != "auto":
+        return requested, ""
+    ok, why = realesrgan_status()
+    if ok:
+        return "realesrgan", "super-resolution: Real-ESRGAN x4plus (installed)"
+    return "lanczos", ("super-resolution: Lanczos (Real-ESRGAN is not usable here; --sr realesrgan says why, "
+                       "--sr lanczos silences this note)")
+
+
 def _resolve_device(device: str | int) -> int:
     """ncnn's ``gpuid``: -1 for the CPU. ``"auto"`` picks GPU 0 when it is a hardware Vulkan device."""
     name = str(device).strip().lower()

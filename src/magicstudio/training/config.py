@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import UserError
@@ -51,6 +51,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: only at the end
+    sample_prompts: list = field(default_factory=list)  # the sample grids' prompts, one row each; []: the composed prompt
     sample_steps: int = 25
     log_every: int = 1
 
@@ -126,6 +127,13 @@ def build_config(cls: type, presets: dict[str, dict], preset: str, overrides: di
         raise UserError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if getattr(cfg, "lr_warmup_steps", 0) < 0:
         raise UserError(f"lr_warmup_steps must be >= 0, not {cfg.lr_warmup_steps}")
+    for name, least in (("sample_every", 0), ("checkpoint_every", 0), ("keep_checkpoints", 1), ("sample_steps", 1),
+                        ("log_every", 1), ("lora_rank", 1), ("grad_accum", 1)):
+        value = getattr(cfg, name, least)
+        if isinstance(value, int) and value < least:
+            raise UserError(f"{name} must be at least {least}, not {value}")
+    if not all(isinstance(p, str) and p.strip() for p in getattr(cfg, "sample_prompts", [])):
+        raise UserError("sample_prompts must be a list of non-empty prompts")
     return cfg
 
 

@@ -15,7 +15,7 @@ from ..io import clean_temp_files, folder_lock
 from ..models.base import load_base
 from .export import LORA_FILE, embedding_name, load_run_into_pipeline
 from .runs import RunDir
-from .sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, heatmap_overlay, image_grid, save_png,
+from .sampling import (AttentionRecorder, a1111_parameters, check_image_seeds, heatmap_overlay, save_png,
                         unused_stem)
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _load_postprocessor(upscale: int, sr: str, restore_weights: str | None, fide
     from ..postprocess import SR_BACKENDS, load_restorer, realesrgan_status
 
     if sr not in SR_BACKENDS:
-        raise UserError(f"unknown super-resolution backend {sr!r}: use {' or '.join(SR_BACKENDS)}")
+        raise UserError(f"unknown super-resolution backend {sr!r}: use auto, {' or '.join(SR_BACKENDS)}")
     if upscale > 1 and sr == "realesrgan":
         ok, why = realesrgan_status()
         if not ok:
@@ -94,16 +94,25 @@ def default_prompt(cfg: dict) -> str:
 def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str | None = None, negative: str = "",
              num_images: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5, scheduler: str = "ddim",
              save_attention: bool = False, size: int | None = None, model: str | None = None, upscale: int = 0,
-             sr: str = "realesrgan", restore_weights: str | None = None, fidelity: float = 0.5) -> list[Path]:
+             sr: str = "auto", restore_weights: str | None = None, fidelity: float = 0.5,
+             attention_maps: list | None = None) -> list[Path]:
     """Generate ``num_images`` PNGs (one seed each: ``seed``, ``seed+1``, ...) into ``out_dir``.
 
     With ``upscale`` > 1 or ``restore_weights``, each image is also post-processed (the paper's super-resolution
     and face restoration) into ``NNN-seedS-post.png``; the raw image is kept beside it. Earlier images are never
     overwritten: a name already taken gets ``-2``, ``-3``, ... (``NNN-seedS-2.png`` with ``NNN-seedS-2-post.png``).
+    With ``save_attention`` each image gets ``NNN-seedS-attention.png`` (the image and one heatmap per token, each
+    titled); ``attention_maps``, a list, also receives each image's (S, S, tokens) maps (in ``tokens`` order).
     """
     if num_images < 1 or steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
     check_image_seeds(seed, num_images)
+    if sr == "auto":  # the best one installed, said once
+        from ..postprocess import best_sr_backend
+
+        sr, note = best_sr_backend(sr)
+        if upscale > 1:
+            (log.info if sr == "realesrgan" else log.warning)("%s", note)
     restorer = _load_postprocessor(upscale, sr, restore_weights, fidelity)
     post = upscale > 1 or restorer is not None
     from ..allocator import tune
@@ -122,15 +131,18 @@ def generate(run_dir: str | Path, out_dir: str | Path | None = None, prompt: str
         out = _output_folder(Path(out_dir or Path(run_dir) / "generated"))
         clean_temp_files(out)
         return _generate(pipe, cfg, tokens, run_dir, out, prompt, negative, num_images, seed, steps, guidance,
-                         scheduler, save_attention, size, upscale, sr, restorer, fidelity, restore_weights, post)
+                         scheduler, save_attention, size, upscale, sr, restorer, fidelity, restore_weights, post,
+                         attention_maps)
 
 
 def _generate(pipe, cfg, tokens, run_dir, out, prompt, negative, num_images, seed, steps, guidance, scheduler,
-              save_attention, size, upscale, sr, restorer, fidelity, restore_weights, post) -> list[Path]:
+              save_attention, size, upscale, sr, restorer, fidelity, restore_weights, post,
+              attention_maps=None) -> list[Path]:
     token_ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in tokens]
     paths = []
     for i in range(num_images):
         s = seed + i
+        pipe.set_progress_bar_config(desc=f"image {i + 1}/{num_images} (seed {s})", leave=False)
         g = torch.Generator().manual_seed(s)
         kwargs = dict(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,
                       guidance_scale=guidance, height=size, width=size, generator=g)
@@ -155,7 +167,13 @@ def _generate(pipe, cfg, tokens, run_dir, out, prompt, negative, num_images, see
             how = f"upscale x{max(1, upscale)} ({sr})" + (f", face restoration w={fidelity}" if restore_weights else "")
             save_png(big, out / f"{stem}-post.png", params + f", Postprocess: {how}")
         if save_attention:
+            from .figures import arrange, panel
+
             heat = recorder.maps()[0]
-            panels = [image] + [heatmap_overlay(image, heat[..., k]) for k in range(len(tokens))]
-            image_grid(panels, cols=len(panels)).save(out / f"{stem}-attention.png")
+            if attention_maps is not None:
+                attention_maps.append(heat.cpu())
+            tiles = [panel([image], f"seed {s}", tile=max(96, size))]
+            tiles += [panel([heatmap_overlay(image, heat[..., k])], f"{tok} attention", tile=max(96, size))
+                      for k, tok in enumerate(tokens)]
+            arrange([tiles], margin=4, gap=4).save(out / f"{stem}-attention.png")
     return paths

@@ -7,6 +7,7 @@ baselines' class images), the run's ``config.yaml``, and ``loop.train`` with the
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,9 @@ def run_method(source: str | Path, reference: str | Path, out: str | Path, cfg, 
     from .distributed import is_main_process, open_run_everywhere
     from .personalize import held_run, open_run, process_device
 
+    if progress and is_main_process():  # before the first step, which may be half a minute away
+        print(f"loading the base model ({cfg.model}) and the photos, then the method's own models ...",
+              file=sys.stderr, flush=True)
     # only the main process checks, locks and writes the run folder; the other ranks get the same inputs
     opened = open_run_everywhere(open_run, source, reference, out, cfg, resume, progress)
     if opened is None:

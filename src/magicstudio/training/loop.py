@@ -4,7 +4,8 @@ A method gives a list of ``Phase`` objects and implements ``TrainableMethod``; `
 order under accelerate (device placement, mixed precision, multi-GPU launch), writes one ``metrics.jsonl``
 record per optimizer step, checkpoints atomically every N steps (keeping the last K), resumes from the latest
 checkpoint with the saved optimizer and RNG state, and stops on a non-finite loss keeping the last good
-checkpoint. Every core trains by default; with ``deterministic`` the same seed on CPU gives identical weights,
+checkpoint. Ctrl-C writes a checkpoint of the last finished step (``TrainingInterrupted`` names it; feedback.py).
+Every core trains by default; with ``deterministic`` the same seed on CPU gives identical weights,
 with or without an interruption in between.
 Under ``accelerate launch --num_processes N`` each rank draws its own data and the trainable gradients are
 averaged before every optimizer step (``distributed.py``); only the main process writes the run folder.
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -25,6 +24,7 @@ import torch
 from ..errors import UserError
 from .config import LR_SCHEDULES
 from . import distributed as D
+from .feedback import Interrupts, Progress, TrainingInterrupted, write_loss_curves
 from .runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ class TrainableMethod(Protocol):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
-    def sample(self, run: RunDir, step: int) -> None: ...
+    def sample(self, run: RunDir, step: int):  # returns the grid (PIL image) it wrote, or None
+        ...
 
     def finalize(self, run: RunDir) -> None: ...
 
@@ -111,32 +112,6 @@ def _phase_at(phases: list[Phase], step: int) -> tuple[int, int]:
             return i, start
         start += ph.steps
     return len(phases), start
-
-
-class _Progress:
-    """A rich progress bar on a terminal, periodic log lines otherwise."""
-
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled, None
-        self.last_print = 0.0
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task("training", total=total, completed=done)
-
-    def update(self, step: int, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, description=text)
-        elif self.enabled and (time.time() - self.last_print > 10 or step == self.total):
-            self.last_print = time.time()
-            print(f"[{step}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def train(method: TrainableMethod, run: RunDir, *, grad_accum: int = 1, checkpoint_every: int = 100,
@@ -195,13 +170,18 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
         return 0
 
     writer = _tensorboard(run) if tensorboard and accelerator.is_main_process else None
-    bar = _Progress(total, step, progress and accelerator.is_main_process)
+    bar = Progress(total, step, progress and accelerator.is_main_process)
+    bar.say(f"training {' + '.join(f'{p.steps} {p.name}' for p in phases)} steps"
+            + (f", from step {step} (resumed)" if step else "") + f" into {run.path} (Ctrl-C: checkpoint and stop)")
     first = step
+    mark = None  # the state of the last finished step (or phase start): what Ctrl-C checkpoints
+    interrupts = Interrupts().install()
     try:
         while step < total:
             index, start = _phase_at(phases, step)
             phase = phases[index]
-            groups = phase.setup()
+            with interrupts.critical():
+                groups = phase.setup()
             if saved is not None:
                 method.load_trainable_state(saved["trainable"])
             params = [p for g in groups for p in g["params"]]
@@ -221,6 +201,7 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                 D.broadcast_parameters(params)
             # not the scheduler: accelerate would step it N times per step under N processes
             optimizer = accelerator.prepare(optimizer)
+            mark = (step, phase.name, optimizer, {"torch": torch.get_rng_state(), "method": method.generator.get_state()})
             while step < start + phase.steps:
                 terms_sum: dict[str, float] = {}
                 terms_n: dict[str, int] = {}
@@ -241,27 +222,29 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                         terms_n[k] = terms_n.get(k, 0) + 1
                 if world > 1:
                     D.sync_gradients(params, world, accelerator.device, failure)
-                if phase.grad_clip:
-                    accelerator.clip_grad_norm_(params, phase.grad_clip)
-                try:
-                    optimizer.step()
-                except RuntimeError as exc:  # e.g. lr 1e38: "value cannot be converted to type float without overflow"
-                    if "overflow" not in str(exc):
-                        raise
-                    raise _diverged(run, f"the update overflowed at step {step + 1} ({phase.name}, learning rate "
-                                         f"{optimizer.param_groups[0]['lr']:g})") from None
-                after = getattr(method, "after_optimizer_step", None)
-                if after is not None:  # e.g. MagiCapture official: embedding norms pulled toward 0.4 in phase 1
-                    after(phase.name, optimizer.param_groups[0]["lr"])
-                if not optimizer.step_was_skipped:  # what accelerate's prepared scheduler did in one process
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+                with interrupts.critical():  # the update: Ctrl-C waits for the finished step
+                    if phase.grad_clip:
+                        accelerator.clip_grad_norm_(params, phase.grad_clip)
+                    try:
+                        optimizer.step()
+                    except RuntimeError as exc:  # e.g. lr 1e38: "value cannot be converted to type float without overflow"
+                        if "overflow" not in str(exc):
+                            raise
+                        raise _diverged(run, f"the update overflowed at step {step + 1} ({phase.name}, learning rate "
+                                             f"{optimizer.param_groups[0]['lr']:g})") from None
+                    after = getattr(method, "after_optimizer_step", None)
+                    if after is not None:  # e.g. MagiCapture official: embedding norms pulled toward 0.4 in phase 1
+                        after(phase.name, optimizer.param_groups[0]["lr"])
+                    if not optimizer.step_was_skipped:  # what accelerate's prepared scheduler did in one process
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    rng = {"torch": torch.get_rng_state(), "method": method.generator.get_state()}
+                    mark = (step, phase.name, optimizer, rng)
                 record = {"step": step, "phase": phase.name, "task": "+".join(tasks),
                           "lr": optimizer.param_groups[0]["lr"]}
                 record.update({k: terms_sum[k] / terms_n[k] for k in terms_sum})
                 checkpoint = checkpoint_every and (step % checkpoint_every == 0 or step == total)
-                rng = {"torch": torch.get_rng_state(), "method": method.generator.get_state()}
                 if checkpoint and world > 1:  # every rank's streams, so a resume continues each of them
                     ranks = D.gather_rng(method.generator, world)
                     rng.update(processes=world, ranks=ranks[1:])
@@ -272,18 +255,23 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
                         for k, v in record.items():
                             if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                                 writer.add_scalar(f"{phase.name}/{k}", v, step)
-                    bar.update(step, f"{phase.name} loss {record.get('loss', float('nan')):.4f}")
+                    bar.update(step, phase.name, record.get("loss"))
                     if checkpoint:
-                        _check_trainable(method, run, step, phase.name)  # a non-finite state is never saved
-                        run.save_checkpoint(step, {
-                            "step": step, "phase": phase.name,
-                            "trainable": method.trainable_state(),
-                            "optimizer": optimizer.state_dict(),
-                            "rng": rng,
-                        }, keep=keep_checkpoints)
+                        with interrupts.critical():
+                            _save(method, run, step, phase.name, optimizer, rng, keep_checkpoints)
                     if sample_every and step % sample_every == 0 and step != total:
-                        method.sample(run, step)
+                        grid = method.sample(run, step)
+                        if writer is not None and grid is not None:
+                            import numpy as np
+
+                            writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+    except KeyboardInterrupt:
+        interrupts.restore()  # a second Ctrl-C while the checkpoint is written stops at once
+        bar.close()
+        raise _interrupted(method, run, mark, total, keep_checkpoints, world,
+                           accelerator.is_main_process) from None
     finally:
+        interrupts.restore()
         bar.close()
         if writer is not None:
             writer.close()
@@ -291,6 +279,29 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
         _check_trainable(method, run, step, phases[-1].name)
         _finish(method, run, total)
     return step - first
+
+
+def _save(method, run: RunDir, step: int, phase: str, optimizer, rng: dict, keep: int) -> None:
+    _check_trainable(method, run, step, phase)  # a non-finite state is never saved
+    run.save_checkpoint(step, {"step": step, "phase": phase, "trainable": method.trainable_state(),
+                               "optimizer": optimizer.state_dict(), "rng": rng}, keep=keep)
+
+
+def _interrupted(method, run: RunDir, mark, total: int, keep: int, world: int, main: bool) -> TrainingInterrupted:
+    """Ctrl-C: checkpoint the last finished step (``mark``: step, phase, optimizer, RNG state at its end; unless a
+    checkpoint of it exists) and say where it is. Several processes keep their last periodic checkpoint (a rank's
+    RNG state cannot be gathered once one of them stopped)."""
+    latest = run.latest_checkpoint()
+    if mark is not None and main and world == 1 and mark[0] > 0 and (latest is None or latest[0] < mark[0]):
+        step, phase, optimizer, rng = mark
+        try:
+            _save(method, run, step, phase, optimizer, rng, max(keep, 1))
+        except TrainingDiverged:
+            pass  # the last finite checkpoint stays the latest
+        latest = run.latest_checkpoint()
+    if latest is None:
+        return TrainingInterrupted(run.path, 0, total, None)
+    return TrainingInterrupted(run.path, latest[0], total, latest[1])
 
 
 def _diverged(run: RunDir, what: str) -> TrainingDiverged:
@@ -312,6 +323,7 @@ def _check_trainable(method, run: RunDir, step: int, phase: str) -> None:
 def _finish(method, run: RunDir, total: int) -> None:
     """The run's outputs (weights, exports, final samples), then the DONE marker, last."""
     method.finalize(run)
+    write_loss_curves(run.read_metrics(), run.path / "loss.png")
     run.done_path.write_text(f"{total}\n")
 
 

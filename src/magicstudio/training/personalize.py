@@ -159,7 +159,7 @@ def check_seed(seed: int) -> None:
 
 #: settings a resumed run may take from the resuming command: they change when and what is logged, saved or
 #: sampled, or how memory is traded for time (the same arithmetic), never the weights
-RESUME_SAFE = frozenset({"checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps", "log_every",
+RESUME_SAFE = frozenset({"checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps", "sample_prompts", "log_every",
                          "gradient_checkpointing", "decode_checkpointing"})
 
 
@@ -201,11 +201,12 @@ def open_run(source, reference, out, cfg, resume: bool = False, progress: bool =
 
 def close_run(run, failed: bool = False) -> None:
     """Release the run folder's lock; ``failed`` (a start refused in a folder it made): remove the folder unless
-    the run got as far as its config.yaml."""
+    the run got as far as its first training step (metrics.jsonl or a checkpoint: what a user may want to see or
+    resume). A refused start (bad settings, missing weights, ...) leaves no folder behind."""
     import shutil
 
     try:
-        if failed and run.path.is_dir() and not run.config_path.exists():
+        if failed and run.path.is_dir() and not run.metrics_path.exists() and run.latest_checkpoint() is None:
             shutil.rmtree(run.path, ignore_errors=True)
     finally:
         run.unlock()

@@ -2,12 +2,13 @@
 
     RUN/config.yaml                        every resolved setting, the base model, the token strings
     RUN/metrics.jsonl                      one JSON object per optimizer step
-    RUN/samples/                           validation grids during training
+    RUN/samples/                           validation grids during training (a row per sample prompt)
     RUN/checkpoints/step-000100/           resumable state (safetensors + json), last K kept
     RUN/pytorch_lora_weights.safetensors   diffusers LoRA (``pipe.load_lora_weights(RUN)``)
     RUN/embeddings/<token>.safetensors     one textual-inversion file per token
     RUN/a1111/                             kohya LoRA + A1111 embeddings
-    RUN/logs/                              TensorBoard
+    RUN/logs/                              TensorBoard (scalars; sample grids with --sample-every)
+    RUN/loss.png                           the loss terms per phase (written at the end)
     RUN/DONE                               written last: the run finished
     RUN/.magicstudio.lock                  flock held by the process training or generating (its pid inside)
 
@@ -33,7 +34,7 @@ from .state import load_state, save_state
 CKPT_PREFIX = "step-"
 #: what a run folder may hold besides the user's own notes: anything else means --out is somebody's folder
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "samples", "embeddings", "prepared", "logs", "DONE",
-               "pytorch_lora_weights.safetensors", "a1111", "generated", "class_images", "state"}
+               "pytorch_lora_weights.safetensors", "a1111", "generated", "class_images", "state", "loss.png"}
 
 
 class RunDir:

@@ -27,6 +27,18 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
     return grid
 
 
+@torch.no_grad()
+def sample_grid(pipe, prompts: list[str], n: int, steps: int, size: int, seed: int, guidance: float = 7.5) -> Image.Image:
+    """The validation grid: one row of ``n`` images per prompt, every row from the same seed (rows compare)."""
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in prompts:
+        g = torch.Generator().manual_seed(seed)
+        images += pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, height=size, width=size,
+                       generator=g, guidance_scale=guidance).images
+    return image_grid(images, cols=n if len(prompts) > 1 else None)
+
+
 def a1111_parameters(prompt: str, negative: str, steps: int, sampler: str, guidance: float, seed: int,
                      size: tuple[int, int], model: str, extra: dict | None = None) -> str:
     """The ``parameters`` text chunk A1111 writes (and reads back with 'PNG Info')."""

@@ -237,16 +237,13 @@ class Baseline(ABC):
 
     # -- samples and outputs
     @torch.no_grad()
-    def sample(self, run: RunDir, step: int, n: int = 2) -> None:
-        from ...training.sampling import image_grid
+    def sample(self, run: RunDir, step: int, n: int = 2):
+        from ...training.sampling import sample_grid
 
-        pipe = self.comps.pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        images = pipe(self.composed_prompt(), num_images_per_prompt=n, num_inference_steps=self.cfg.sample_steps,
-                      height=self.cfg.resolution, width=self.cfg.resolution, generator=g, guidance_scale=7.5).images
-        grid = image_grid(images)
+        grid = sample_grid(self.comps.pipeline(), list(self.cfg.sample_prompts) or [self.composed_prompt()], n,
+                           self.cfg.sample_steps, self.cfg.resolution, self.cfg.seed)
         atomic_write(run.samples / f"step-{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+        return grid
 
     @abstractmethod
     def export(self, run: RunDir) -> None:

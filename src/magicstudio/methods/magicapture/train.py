@@ -369,20 +369,18 @@ class MagiCapture:
         return P.composed_prompt(self.cfg.v1, self.cfg.v2, self.cfg.mode, self.cfg.object_class)
 
     @torch.no_grad()
-    def sample(self, run: RunDir, step: int, n: int = 2) -> None:
-        from ...training.sampling import image_grid
+    def sample(self, run: RunDir, step: int, n: int = 2):
+        """``RUN/samples/step-N.png``: a row of ``n`` images per sample prompt (default: the composed prompt)."""
+        from ...training.sampling import sample_grid
 
-        pipe = self.comps.pipeline()
         self.store.active = False
         try:
-            g = torch.Generator().manual_seed(self.cfg.seed)
-            images = pipe(self.composed_prompt(), num_images_per_prompt=n, num_inference_steps=self.cfg.sample_steps,
-                          height=self.cfg.resolution, width=self.cfg.resolution, generator=g,
-                          guidance_scale=7.5).images
+            grid = sample_grid(self.comps.pipeline(), list(self.cfg.sample_prompts) or [self.composed_prompt()], n,
+                               self.cfg.sample_steps, self.cfg.resolution, self.cfg.seed)
         finally:
             self.store.active = True
-        grid = image_grid(images)
         atomic_write(run.samples / f"step-{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+        return grid
 
     def finalize(self, run: RunDir) -> None:
         from ...training.export import export_a1111, save_embeddings, save_lora
