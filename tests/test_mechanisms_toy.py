@@ -159,4 +159,4 @@ def test_composed_task_moves_the_output_toward_the_reference(toy_base, pair, mon
     source_only = reference_distance(trained(toy_base, pair, monkeypatch, tasks=("source",)), reference)
     composed = reference_distance(trained(toy_base, pair, monkeypatch), reference)
     print(f"distance to the reference: source task only {source_only:.4f}, composed task {composed:.4f}")
-    assert composed < 0.95 * source_only
+    assert composed < 0.93 * source_only  # measured 0.0765 vs 0.0843; with the source image as pseudo-label 0.0799
