@@ -61,7 +61,7 @@ def test_source_crops_faces_rejects_bad_files(photos, tmp_path, analyzer):
     assert _hashes(photos) == before  # inputs untouched
     assert [i.stem for i in report.items] == ["astronaut", "grace_hopper"]
     reasons = _reasons(report)
-    assert set(reasons) == {"broken.jpg", "notes.jpg", "landscape.png"}
+    assert set(reasons) == {"broken.jpg", "notes.jpg", "landscape.png", ".DS_Store", "readme.txt"}  # every file
     assert "truncated" in reasons["broken.jpg"] and "not an image" in reasons["notes.jpg"]
     assert "no face" in reasons["landscape.png"]
     assert any("4-6" in w for w in report.warnings)
@@ -97,7 +97,7 @@ def test_reference_keeps_composition_and_faceless_photos(photos, tmp_path, analy
     out = tmp_path / "ref"
     report = prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
     kept = {i.stem: i for i in report.items}
-    assert set(kept) == {"astronaut", "grace_hopper", "landscape"} and len(report.rejected) == 2
+    assert set(kept) == {"astronaut", "grace_hopper", "landscape"} and len(report.rejected) == 4
     faceless = kept["landscape"]
     assert faceless.face_box is None and faceless.landmarks5 is None and faceless.n_faces == 0
     assert any("no face" in w for w in faceless.warnings)
@@ -108,6 +108,21 @@ def test_reference_keeps_composition_and_faceless_photos(photos, tmp_path, analy
     assert 0.01 < astro.mask_stats["face"]["area"] < 0.08 and 70 < astro.landmarks5[:, 0].mean() < 150
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["items"][2]["landmarks5"] is None
+
+
+def test_every_entry_of_the_folder_gets_a_manifest_line(photos, tmp_path, analyzer):
+    """Issue 18: nothing in the input folder is skipped without a word, dangling symlinks included."""
+    (photos / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (photos / "album").mkdir()
+    out = tmp_path / "out"
+    report = prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = {Path(i["source"]).name for i in manifest["items"]}
+    lines = {Path(r["path"]).name: r["reason"] for r in manifest["rejected"]}
+    assert kept | set(lines) == {p.name for p in photos.iterdir()} and not kept & set(lines)
+    assert "dangling symbolic link" in lines["gone.jpg"] and "deleted.jpg" in lines["gone.jpg"]
+    assert "folder" in lines["album"] and "hidden" in lines[".DS_Store"] and "not a photo" in lines["readme.txt"]
+    assert _reasons(report) == lines
 
 
 def test_several_faces_and_exif_rotation(tmp_path, analyzer):
@@ -216,7 +231,7 @@ def test_cli_prepare(cli, photos, tmp_path, capsys):
     out = tmp_path / "out"
     code = cli(["prepare", str(photos), "--role", "source", "--out", str(out), "--size", str(SIZE)])
     text = capsys.readouterr()
-    assert code == 0 and "kept 2 source photo(s), rejected 3" in text.out
+    assert code == 0 and "kept 2 source photo(s), rejected 5" in text.out  # every file has a line
     assert "notes.jpg: not an image" in text.out and "preview.png" in text.out
     assert is_prepared(out)
 

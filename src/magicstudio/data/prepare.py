@@ -381,7 +381,7 @@ def prepare_folder(
     own = analyzer is None
     analyzer = analyzer or MediapipeFaceAnalyzer()
     items: list[PreparedItem] = []
-    rejected: list[Rejected] = []
+    rejected: list[Rejected] = _not_photos(input_dir, files)
     try:
         for path, stem in _progress(list(zip(files, stems)), progress, f"preparing {role} photos"):
             try:
@@ -416,6 +416,27 @@ def prepare_folder(
         "warnings": warnings,
     })
     return PrepareReport(out, role, size, items, rejected, warnings, manifest, preview if items else None)
+
+
+def _not_photos(input_dir: Path, photos: list[Path]) -> list[Rejected]:
+    """A manifest line for every other entry of ``input_dir`` (issue 18): why it is not one of the photos."""
+    listed = set(photos)
+    out = []
+    for path in sorted(input_dir.iterdir(), key=lambda p: (p.name.lower(), p.name)):
+        if path in listed:
+            continue
+        if path.is_symlink() and not path.exists():
+            reason = f"a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        elif path.is_dir():
+            reason = "a folder (prepare does not look inside sub-folders)"
+        elif path.name.startswith("."):
+            reason = "a hidden file"
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = f"not a photo (extension {path.suffix or 'none'!r}; looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        else:
+            reason = "not a regular file"
+        out.append(Rejected(str(path), reason))
+    return out
 
 
 def _progress(seq: list, enabled: bool, label: str):
