@@ -125,6 +125,20 @@ def test_every_entry_of_the_folder_gets_a_manifest_line(photos, tmp_path, analyz
     assert _reasons(report) == lines
 
 
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(photos, tmp_path, analyzer):
+    """Issue 18: a kill -9 during a write leaves ``.ms-<hex>.tmp`` files; the next prepare into the folder removes
+    them (and only them)."""
+    out = tmp_path / "out"
+    prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
+    stale = [out / ".ms-0123abcd.tmp", out / "images" / ".ms-deadbeef.tmp", out / "masks" / "face" / ".ms-00000000.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a png")
+    kept = out / "images" / ".ms-notours.tmp"
+    kept.write_text("not a name prepare makes")
+    prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
+    assert not any(p.exists() for p in stale) and kept.exists()
+
+
 def test_several_faces_and_exif_rotation(tmp_path, analyzer):
     small, large = (Image.open(p).convert("RGB") for p in sample_photos())
     d = tmp_path / "in"

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import __version__
 from ..errors import UserError
-from ..io import atomic_write, write_json
+from ..io import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, write_json
 from .faces import FaceAnalyzer, MediapipeFaceAnalyzer, choose_main
 from .images import IMAGE_EXTENSIONS, Crop, center_crop, list_images, load_image, square_around
 from .masks import load_mask, mask_stats, overlay, save_mask
@@ -375,6 +375,7 @@ def prepare_folder(
     try:  # marks every file this run may write as ours, so an interrupted run can be re-run
         for folder in folders:
             (out / folder).mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out, folders)
         write_json(out / MANIFEST, {**header, "items": [], "rejected": [], "warnings": [], "writing": writing})
     except OSError as exc:
         raise UserError(f"cannot write to {exc.filename or out}: {exc.strerror or exc}") from None
@@ -416,6 +417,15 @@ def prepare_folder(
         "warnings": warnings,
     })
     return PrepareReport(out, role, size, items, rejected, warnings, manifest, preview if items else None)
+
+
+def _remove_stale_temps(out: Path, folders: list[str]) -> None:
+    """Delete the temporary files (``io.atomic_write``'s ``.ms-<8 hex>.tmp``) a killed run left in ``out``."""
+    pattern = re.compile(re.escape(TEMP_PREFIX) + r"[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
+    for folder in [out, *(out / f for f in folders)]:
+        for path in folder.iterdir():
+            if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink()
 
 
 def _not_photos(input_dir: Path, photos: list[Path]) -> list[Rejected]:
