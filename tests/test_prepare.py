@@ -139,6 +139,20 @@ def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(photos, tmp_p
     assert not any(p.exists() for p in stale) and kept.exists()
 
 
+def test_duplicate_photos_are_warned(photos, tmp_path, analyzer):
+    """Issue 18: the same photo twice (a copy, and the same pixels saved as PNG) is kept but warned about."""
+    shutil.copy(photos / "astronaut.jpg", photos / "astronaut copy.jpg")
+    src = photos / "grace_hopper.jpg"
+    Image.open(src).save(photos / "hopper-again.png")
+    report = prepare_folder(photos, "reference", tmp_path / "out", size=SIZE, analyzer=analyzer, progress=False)
+    dup = [w for w in report.warnings if "same photo" in w]
+    assert len(dup) == 2, report.warnings
+    assert any("astronaut copy.jpg" in w and "astronaut.jpg" in w for w in dup)
+    assert any("hopper-again.png" in w and src.name in w for w in dup)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert set(dup) <= set(manifest["warnings"])
+
+
 def test_several_faces_and_exif_rotation(tmp_path, analyzer):
     small, large = (Image.open(p).convert("RGB") for p in sample_photos())
     d = tmp_path / "in"

@@ -23,6 +23,7 @@ every photo needs at least one mask there; kinds it does not give stay automatic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -401,7 +402,7 @@ def prepare_folder(
     for path in owned - written - {(out / MANIFEST).resolve(), (out / PREVIEW).resolve()}:
         if path.is_file():
             path.unlink()
-    warnings = []
+    warnings = _duplicates(items)
     if 0 < len(items) < RECOMMENDED_IMAGES:
         warnings.append(f"only {len(items)} usable photo(s); 4-6 are recommended")
     preview = out / PREVIEW
@@ -417,6 +418,24 @@ def prepare_folder(
         "warnings": warnings,
     })
     return PrepareReport(out, role, size, items, rejected, warnings, manifest, preview if items else None)
+
+
+def _duplicates(items: list[PreparedItem]) -> list[str]:
+    """A warning per group of kept photos that are the same photo: the same file bytes, or the same prepared
+    pixels (one photo saved twice under other names or formats). Duplicates weigh one picture more in training."""
+    seen: dict[str, int] = {}  # hash -> group
+    groups: list[list[str]] = []
+    for item in items:
+        keys = [hashlib.sha256(Path(item.source).read_bytes()).hexdigest(),
+                hashlib.sha256(np.asarray(Image.open(item.image).convert("RGB")).tobytes()).hexdigest()]
+        g = next((seen[k] for k in keys if k in seen), None)
+        if g is None:
+            g = len(groups)
+            groups.append([])
+        groups[g].append(Path(item.source).name)
+        seen.update({k: g for k in keys})
+    return [f"{', '.join(names)} are the same photo (keep one: a duplicate counts twice in training)"
+            for names in groups if len(names) > 1]
 
 
 def _remove_stale_temps(out: Path, folders: list[str]) -> None:
