@@ -153,6 +153,37 @@ def test_duplicate_photos_are_warned(photos, tmp_path, analyzer):
     assert set(dup) <= set(manifest["warnings"])
 
 
+def test_object_source_gets_a_foreground_mask_instead_of_a_face(photos, tmp_path, analyzer):
+    """Issue 13: ``--role source --subject object`` keeps a photo without a face, its "face" mask (what object mode
+    trains inside, Eq. 4) being the user's mask; as a person it is rejected for having no face."""
+    d = tmp_path / "objects"
+    d.mkdir()
+    shutil.copy(photos / "landscape.png", d / "landscape.png")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    fg = np.zeros((240, 320), np.uint8)
+    fg[60:200, 100:220] = 255
+    Image.fromarray(fg).save(masks / "landscape.png")
+    person = prepare_folder(d, "source", tmp_path / "person", size=SIZE, analyzer=analyzer, progress=False)
+    assert not person.items and "no face" in person.rejected[0].reason
+    no_mask = prepare_folder(d, "source", tmp_path / "seg", size=SIZE, analyzer=analyzer, progress=False,
+                             subject="object")  # a grey ramp: the person segmentation finds no foreground
+    assert not no_mask.items and "no foreground" in no_mask.rejected[0].reason
+    report = prepare_folder(d, "source", tmp_path / "object", size=SIZE, masks_dir=masks, analyzer=analyzer,
+                            progress=False, subject="object")
+    (item,) = report.items
+    crop = item.crop_box  # centre crop 40..280 of 320x240, scaled by 256/240
+    expect = np.asarray(Image.fromarray(fg).crop(crop).resize((SIZE, SIZE), Image.NEAREST)) > 0
+    got = load_mask(item.masks["face"]) > 0
+    assert got.mean() > 0.2 and (got == expect).mean() > 0.99
+    assert item.face_box is None and item.landmarks5 is None
+    code = cli_main.main(["prepare", str(d), "--role", "source", "--subject", "object", "--masks", str(masks),
+                          "--out", str(tmp_path / "cli"), "--size", str(SIZE), "--quiet"])
+    assert code == 0 and len(load_prepared(tmp_path / "cli")) == 1
+    with pytest.raises(UserError, match="subject"):
+        prepare_folder(d, "source", tmp_path / "x", size=SIZE, analyzer=analyzer, progress=False, subject="cat")
+
+
 def test_several_faces_and_exif_rotation(tmp_path, analyzer):
     small, large = (Image.open(p).convert("RGB") for p in sample_photos())
     d = tmp_path / "in"

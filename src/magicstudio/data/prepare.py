@@ -212,7 +212,8 @@ class _UserMasks:
 
 
 def _process(
-    path: Path, stem: str, role: str, size: int, out: Path, analyzer: FaceAnalyzer, user_masks: _UserMasks | None
+    path: Path, stem: str, role: str, size: int, out: Path, analyzer: FaceAnalyzer, user_masks: _UserMasks | None,
+    subject: str = "person",
 ) -> tuple[PreparedItem, Image.Image, dict[str, np.ndarray]]:
     """Crop one photo and compute its masks; raises UserError when it must be rejected."""
     img = load_image(path)
@@ -221,6 +222,27 @@ def _process(
         raise UserError(f"too small ({w}x{h}); photos need at least {MIN_SIDE} px per side")
     user = user_masks.load(path.stem, img.size) if user_masks else {}
     warnings: list[str] = []
+    if role == "source" and subject == "object":
+        # general objects (MagiCapture supplement): the "face" mask is the subject's foreground, from the user's
+        # mask (face/ or person/) or else the person segmentation; no face is needed
+        crop = center_crop(w, h, size)
+        result = crop.apply(img)
+        analysis = analyzer.analyze(result)
+        given = user.get("face", user.get("person"))
+        fg = crop.apply_mask(given) if given is not None else analysis.person_mask
+        if not fg.any():
+            raise UserError("no foreground found (the person segmentation is empty); give the object's mask "
+                            "with --masks")
+        if given is None:
+            warnings.append("object: the foreground mask is the person segmentation (give --masks for an object)")
+        masks = {"face": fg, "head": fg, "person": fg}
+        item = PreparedItem(
+            stem=stem, image=out / "images" / f"{stem}.png",
+            masks={k: out / "masks" / k / f"{stem}.png" for k in MASK_KINDS},
+            source=str(path.resolve()), original_size=(w, h), crop_box=crop.box, face_box=None, landmarks5=None,
+            n_faces=len(analysis.faces), chosen=None, user_masks=sorted(user),
+            mask_stats={k: mask_stats(m).to_dict() for k, m in masks.items()}, warnings=warnings + analysis.notes)
+        return item, result, masks
     if role == "source":
         faces = analyzer.detect(img)
         main = choose_main(faces, w, h)
@@ -340,6 +362,7 @@ def prepare_folder(
     masks_dir: str | os.PathLike | None = None,
     analyzer: FaceAnalyzer | None = None,
     progress: bool = True,
+    subject: str = "person",
 ) -> PrepareReport:
     """Prepare every photo of ``input_dir`` as a ``role`` ("source" or "reference") set in ``out_dir``.
 
@@ -352,6 +375,8 @@ def prepare_folder(
     """
     if role not in ROLES:
         raise UserError(f"role must be 'source' or 'reference', not {role!r}")
+    if subject not in ("person", "object"):
+        raise UserError(f"subject must be 'person' or 'object', not {subject!r}")
     if not isinstance(size, int) or not 64 <= size <= 2048 or size % 8:
         raise UserError(f"size must be a multiple of 8 between 64 and 2048, not {size!r}")
     input_dir, out = Path(input_dir), Path(out_dir)
@@ -387,7 +412,7 @@ def prepare_folder(
     try:
         for path, stem in _progress(list(zip(files, stems)), progress, f"preparing {role} photos"):
             try:
-                item, image, masks = _process(path, stem, role, size, out, analyzer, user_masks)
+                item, image, masks = _process(path, stem, role, size, out, analyzer, user_masks, subject)
             except UserError as exc:
                 rejected.append(Rejected(str(path), _reason(exc, path)))
                 continue
