@@ -61,7 +61,7 @@ def test_source_crops_faces_rejects_bad_files(photos, tmp_path, analyzer):
     assert _hashes(photos) == before  # inputs untouched
     assert [i.stem for i in report.items] == ["astronaut", "grace_hopper"]
     reasons = _reasons(report)
-    assert set(reasons) == {"broken.jpg", "notes.jpg", "landscape.png"}
+    assert set(reasons) == {"broken.jpg", "notes.jpg", "landscape.png", ".DS_Store", "readme.txt"}  # every file
     assert "truncated" in reasons["broken.jpg"] and "not an image" in reasons["notes.jpg"]
     assert "no face" in reasons["landscape.png"]
     assert any("4-6" in w for w in report.warnings)
@@ -97,7 +97,7 @@ def test_reference_keeps_composition_and_faceless_photos(photos, tmp_path, analy
     out = tmp_path / "ref"
     report = prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
     kept = {i.stem: i for i in report.items}
-    assert set(kept) == {"astronaut", "grace_hopper", "landscape"} and len(report.rejected) == 2
+    assert set(kept) == {"astronaut", "grace_hopper", "landscape"} and len(report.rejected) == 4
     faceless = kept["landscape"]
     assert faceless.face_box is None and faceless.landmarks5 is None and faceless.n_faces == 0
     assert any("no face" in w for w in faceless.warnings)
@@ -108,6 +108,80 @@ def test_reference_keeps_composition_and_faceless_photos(photos, tmp_path, analy
     assert 0.01 < astro.mask_stats["face"]["area"] < 0.08 and 70 < astro.landmarks5[:, 0].mean() < 150
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["items"][2]["landmarks5"] is None
+
+
+def test_every_entry_of_the_folder_gets_a_manifest_line(photos, tmp_path, analyzer):
+    """Issue 18: nothing in the input folder is skipped without a word, dangling symlinks included."""
+    (photos / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (photos / "album").mkdir()
+    out = tmp_path / "out"
+    report = prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = {Path(i["source"]).name for i in manifest["items"]}
+    lines = {Path(r["path"]).name: r["reason"] for r in manifest["rejected"]}
+    assert kept | set(lines) == {p.name for p in photos.iterdir()} and not kept & set(lines)
+    assert "dangling symbolic link" in lines["gone.jpg"] and "deleted.jpg" in lines["gone.jpg"]
+    assert "folder" in lines["album"] and "hidden" in lines[".DS_Store"] and "not a photo" in lines["readme.txt"]
+    assert _reasons(report) == lines
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(photos, tmp_path, analyzer):
+    """Issue 18: a kill -9 during a write leaves ``.ms-<hex>.tmp`` files; the next prepare into the folder removes
+    them (and only them)."""
+    out = tmp_path / "out"
+    prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
+    stale = [out / ".ms-0123abcd.tmp", out / "images" / ".ms-deadbeef.tmp", out / "masks" / "face" / ".ms-00000000.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a png")
+    kept = out / "images" / ".ms-notours.tmp"
+    kept.write_text("not a name prepare makes")
+    prepare_folder(photos, "reference", out, size=SIZE, analyzer=analyzer, progress=False)
+    assert not any(p.exists() for p in stale) and kept.exists()
+
+
+def test_duplicate_photos_are_warned(photos, tmp_path, analyzer):
+    """Issue 18: the same photo twice (a copy, and the same pixels saved as PNG) is kept but warned about."""
+    shutil.copy(photos / "astronaut.jpg", photos / "astronaut copy.jpg")
+    src = photos / "grace_hopper.jpg"
+    Image.open(src).save(photos / "hopper-again.png")
+    report = prepare_folder(photos, "reference", tmp_path / "out", size=SIZE, analyzer=analyzer, progress=False)
+    dup = [w for w in report.warnings if "same photo" in w]
+    assert len(dup) == 2, report.warnings
+    assert any("astronaut copy.jpg" in w and "astronaut.jpg" in w for w in dup)
+    assert any("hopper-again.png" in w and src.name in w for w in dup)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert set(dup) <= set(manifest["warnings"])
+
+
+def test_object_source_gets_a_foreground_mask_instead_of_a_face(photos, tmp_path, analyzer):
+    """Issue 13: ``--role source --subject object`` keeps a photo without a face, its "face" mask (what object mode
+    trains inside, Eq. 4) being the user's mask; as a person it is rejected for having no face."""
+    d = tmp_path / "objects"
+    d.mkdir()
+    shutil.copy(photos / "landscape.png", d / "landscape.png")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    fg = np.zeros((240, 320), np.uint8)
+    fg[60:200, 100:220] = 255
+    Image.fromarray(fg).save(masks / "landscape.png")
+    person = prepare_folder(d, "source", tmp_path / "person", size=SIZE, analyzer=analyzer, progress=False)
+    assert not person.items and "no face" in person.rejected[0].reason
+    no_mask = prepare_folder(d, "source", tmp_path / "seg", size=SIZE, analyzer=analyzer, progress=False,
+                             subject="object")  # a grey ramp: the person segmentation finds no foreground
+    assert not no_mask.items and "no foreground" in no_mask.rejected[0].reason
+    report = prepare_folder(d, "source", tmp_path / "object", size=SIZE, masks_dir=masks, analyzer=analyzer,
+                            progress=False, subject="object")
+    (item,) = report.items
+    crop = item.crop_box  # centre crop 40..280 of 320x240, scaled by 256/240
+    expect = np.asarray(Image.fromarray(fg).crop(crop).resize((SIZE, SIZE), Image.NEAREST)) > 0
+    got = load_mask(item.masks["face"]) > 0
+    assert got.mean() > 0.2 and (got == expect).mean() > 0.99
+    assert item.face_box is None and item.landmarks5 is None
+    code = cli_main.main(["prepare", str(d), "--role", "source", "--subject", "object", "--masks", str(masks),
+                          "--out", str(tmp_path / "cli"), "--size", str(SIZE), "--quiet"])
+    assert code == 0 and len(load_prepared(tmp_path / "cli")) == 1
+    with pytest.raises(UserError, match="subject"):
+        prepare_folder(d, "source", tmp_path / "x", size=SIZE, analyzer=analyzer, progress=False, subject="cat")
 
 
 def test_several_faces_and_exif_rotation(tmp_path, analyzer):
@@ -216,7 +290,7 @@ def test_cli_prepare(cli, photos, tmp_path, capsys):
     out = tmp_path / "out"
     code = cli(["prepare", str(photos), "--role", "source", "--out", str(out), "--size", str(SIZE)])
     text = capsys.readouterr()
-    assert code == 0 and "kept 2 source photo(s), rejected 3" in text.out
+    assert code == 0 and "kept 2 source photo(s), rejected 5" in text.out  # every file has a line
     assert "notes.jpg: not an image" in text.out and "preview.png" in text.out
     assert is_prepared(out)
 

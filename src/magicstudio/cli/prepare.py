@@ -20,12 +20,17 @@ def prepare(
     masks: Optional[Path] = typer.Option(
         None, "--masks",
         help="Folder of your own masks: <stem>.png or face|head|person/<stem>.png, same size as each photo."),
+    subject: str = typer.Option(
+        "person", "--subject",
+        help="person, or object (source role: the mask to train in is the object's foreground, from --masks or "
+             "the person segmentation; no face needed)."),
     quiet: bool = typer.Option(False, "--quiet/--no-quiet", "-q", help="Print only errors."),
 ) -> None:
     """Crop photos (source: square around the face; reference: centre crop) and compute face/head/person masks."""
     from ..data.prepare import prepare_folder  # validates role, size and folders before any work
 
-    report = prepare_folder(input_dir, role, out, size=size, masks_dir=masks, progress=not quiet)
+    report = prepare_folder(input_dir, role, out, size=size, masks_dir=masks, progress=not quiet,
+                            subject=subject)
     if not quiet:
         typer.echo(f"kept {len(report.items)} {role} photo(s), rejected {len(report.rejected)} -> {report.out_dir}")
         for r in report.rejected:

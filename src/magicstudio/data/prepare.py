@@ -23,6 +23,7 @@ every photo needs at least one mask there; kinds it does not give stay automatic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import __version__
 from ..errors import UserError
-from ..io import atomic_write, write_json
+from ..io import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, write_json
 from .faces import FaceAnalyzer, MediapipeFaceAnalyzer, choose_main
 from .images import IMAGE_EXTENSIONS, Crop, center_crop, list_images, load_image, square_around
 from .masks import load_mask, mask_stats, overlay, save_mask
@@ -211,7 +212,8 @@ class _UserMasks:
 
 
 def _process(
-    path: Path, stem: str, role: str, size: int, out: Path, analyzer: FaceAnalyzer, user_masks: _UserMasks | None
+    path: Path, stem: str, role: str, size: int, out: Path, analyzer: FaceAnalyzer, user_masks: _UserMasks | None,
+    subject: str = "person",
 ) -> tuple[PreparedItem, Image.Image, dict[str, np.ndarray]]:
     """Crop one photo and compute its masks; raises UserError when it must be rejected."""
     img = load_image(path)
@@ -220,6 +222,27 @@ def _process(
         raise UserError(f"too small ({w}x{h}); photos need at least {MIN_SIDE} px per side")
     user = user_masks.load(path.stem, img.size) if user_masks else {}
     warnings: list[str] = []
+    if role == "source" and subject == "object":
+        # general objects (MagiCapture supplement): the "face" mask is the subject's foreground, from the user's
+        # mask (face/ or person/) or else the person segmentation; no face is needed
+        crop = center_crop(w, h, size)
+        result = crop.apply(img)
+        analysis = analyzer.analyze(result)
+        given = user.get("face", user.get("person"))
+        fg = crop.apply_mask(given) if given is not None else analysis.person_mask
+        if not fg.any():
+            raise UserError("no foreground found (the person segmentation is empty); give the object's mask "
+                            "with --masks")
+        if given is None:
+            warnings.append("object: the foreground mask is the person segmentation (give --masks for an object)")
+        masks = {"face": fg, "head": fg, "person": fg}
+        item = PreparedItem(
+            stem=stem, image=out / "images" / f"{stem}.png",
+            masks={k: out / "masks" / k / f"{stem}.png" for k in MASK_KINDS},
+            source=str(path.resolve()), original_size=(w, h), crop_box=crop.box, face_box=None, landmarks5=None,
+            n_faces=len(analysis.faces), chosen=None, user_masks=sorted(user),
+            mask_stats={k: mask_stats(m).to_dict() for k, m in masks.items()}, warnings=warnings + analysis.notes)
+        return item, result, masks
     if role == "source":
         faces = analyzer.detect(img)
         main = choose_main(faces, w, h)
@@ -339,6 +362,7 @@ def prepare_folder(
     masks_dir: str | os.PathLike | None = None,
     analyzer: FaceAnalyzer | None = None,
     progress: bool = True,
+    subject: str = "person",
 ) -> PrepareReport:
     """Prepare every photo of ``input_dir`` as a ``role`` ("source" or "reference") set in ``out_dir``.
 
@@ -351,6 +375,8 @@ def prepare_folder(
     """
     if role not in ROLES:
         raise UserError(f"role must be 'source' or 'reference', not {role!r}")
+    if subject not in ("person", "object"):
+        raise UserError(f"subject must be 'person' or 'object', not {subject!r}")
     if not isinstance(size, int) or not 64 <= size <= 2048 or size % 8:
         raise UserError(f"size must be a multiple of 8 between 64 and 2048, not {size!r}")
     input_dir, out = Path(input_dir), Path(out_dir)
@@ -375,17 +401,18 @@ def prepare_folder(
     try:  # marks every file this run may write as ours, so an interrupted run can be re-run
         for folder in folders:
             (out / folder).mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out, folders)
         write_json(out / MANIFEST, {**header, "items": [], "rejected": [], "warnings": [], "writing": writing})
     except OSError as exc:
         raise UserError(f"cannot write to {exc.filename or out}: {exc.strerror or exc}") from None
     own = analyzer is None
     analyzer = analyzer or MediapipeFaceAnalyzer()
     items: list[PreparedItem] = []
-    rejected: list[Rejected] = []
+    rejected: list[Rejected] = _not_photos(input_dir, files)
     try:
         for path, stem in _progress(list(zip(files, stems)), progress, f"preparing {role} photos"):
             try:
-                item, image, masks = _process(path, stem, role, size, out, analyzer, user_masks)
+                item, image, masks = _process(path, stem, role, size, out, analyzer, user_masks, subject)
             except UserError as exc:
                 rejected.append(Rejected(str(path), _reason(exc, path)))
                 continue
@@ -400,7 +427,7 @@ def prepare_folder(
     for path in owned - written - {(out / MANIFEST).resolve(), (out / PREVIEW).resolve()}:
         if path.is_file():
             path.unlink()
-    warnings = []
+    warnings = _duplicates(items)
     if 0 < len(items) < RECOMMENDED_IMAGES:
         warnings.append(f"only {len(items)} usable photo(s); 4-6 are recommended")
     preview = out / PREVIEW
@@ -416,6 +443,54 @@ def prepare_folder(
         "warnings": warnings,
     })
     return PrepareReport(out, role, size, items, rejected, warnings, manifest, preview if items else None)
+
+
+def _duplicates(items: list[PreparedItem]) -> list[str]:
+    """A warning per group of kept photos that are the same photo: the same file bytes, or the same prepared
+    pixels (one photo saved twice under other names or formats). Duplicates weigh one picture more in training."""
+    seen: dict[str, int] = {}  # hash -> group
+    groups: list[list[str]] = []
+    for item in items:
+        keys = [hashlib.sha256(Path(item.source).read_bytes()).hexdigest(),
+                hashlib.sha256(np.asarray(Image.open(item.image).convert("RGB")).tobytes()).hexdigest()]
+        g = next((seen[k] for k in keys if k in seen), None)
+        if g is None:
+            g = len(groups)
+            groups.append([])
+        groups[g].append(Path(item.source).name)
+        seen.update({k: g for k in keys})
+    return [f"{', '.join(names)} are the same photo (keep one: a duplicate counts twice in training)"
+            for names in groups if len(names) > 1]
+
+
+def _remove_stale_temps(out: Path, folders: list[str]) -> None:
+    """Delete the temporary files (``io.atomic_write``'s ``.ms-<8 hex>.tmp``) a killed run left in ``out``."""
+    pattern = re.compile(re.escape(TEMP_PREFIX) + r"[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
+    for folder in [out, *(out / f for f in folders)]:
+        for path in folder.iterdir():
+            if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+
+
+def _not_photos(input_dir: Path, photos: list[Path]) -> list[Rejected]:
+    """A manifest line for every other entry of ``input_dir`` (issue 18): why it is not one of the photos."""
+    listed = set(photos)
+    out = []
+    for path in sorted(input_dir.iterdir(), key=lambda p: (p.name.lower(), p.name)):
+        if path in listed:
+            continue
+        if path.is_symlink() and not path.exists():
+            reason = f"a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        elif path.is_dir():
+            reason = "a folder (prepare does not look inside sub-folders)"
+        elif path.name.startswith("."):
+            reason = "a hidden file"
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = f"not a photo (extension {path.suffix or 'none'!r}; looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        else:
+            reason = "not a regular file"
+        out.append(Rejected(str(path), reason))
+    return out
 
 
 def _progress(seq: list, enabled: bool, label: str):
