@@ -15,9 +15,9 @@ CONCEPT_COLOURS = ((40, 60, 200), (200, 30, 30))  # body, hair
 COMPONENT_COLOURS = ((30, 160, 40), (230, 220, 40))
 
 
-def person(size: int, rng: np.random.Generator, body, hair, texture: float = 0.0):
-    """(image uint8 HxWx3, person mask, hair mask): a disc whose top part is hair; ``texture`` adds a fine
-    high-frequency pattern to the body (a harder concept to learn)."""
+def person(size: int, rng: np.random.Generator, body, hair, texture: float = 0.0, hair_texture: float = 0.0):
+    """(image uint8 HxWx3, person mask, hair mask): a disc whose top part is hair; ``texture`` / ``hair_texture``
+    add a fine high-frequency pattern to the body / the hair (harder to learn)."""
     img = np.full((size, size, 3), 128, np.float32) + rng.uniform(0, 20, (size, size, 3))
     cx = size // 2 + int(rng.integers(-size // 16, size // 16 + 1))
     yy, xx = np.mgrid[:size, :size]
@@ -28,6 +28,9 @@ def person(size: int, rng: np.random.Generator, body, hair, texture: float = 0.0
         pattern = np.where(((xx // 2 + yy // 2) % 2) == 0, texture, -texture)[..., None] * np.array([1.0, -1.0, 0.5])
         img = np.where(whole[..., None] & ~hair_m[..., None], img + pattern, img)
     img[hair_m] = hair
+    if hair_texture:
+        pattern = np.where(((xx // 2 + yy // 2) % 2) == 0, hair_texture, -hair_texture)[..., None] * np.array([1.0, -1.0, 0.5])
+        img = np.where(hair_m[..., None], img + pattern, img)
     return np.clip(img, 0, 255).astype(np.uint8), whole, hair_m
 
 
@@ -53,7 +56,7 @@ def _tensor(img: np.ndarray) -> torch.Tensor:
 
 
 def training_sets(size: int = 64, n_concept: int = 3, n_component: int = 2, seed: int = 0,
-                  concept_texture: float = 0.0) -> list[TrainingSet]:
+                  concept_texture: float = 0.0, component_texture: float = 0.0) -> list[TrainingSet]:
     """The concept set (mask: person AND NOT hair) and the component set (mask: hair), in memory; also returns
     each concept image's hair mask as ``sets[0].hair`` (the component region in the concept's images)."""
     rng = np.random.default_rng(seed)
@@ -62,7 +65,9 @@ def training_sets(size: int = 64, n_concept: int = 3, n_component: int = 2, seed
                                         ("component_hair", "hair", n_component, COMPONENT_COLOURS)):
         imgs, masks, hairs = [], [], []
         for _ in range(n):
-            img, whole, hair_m = person(size, rng, body, hair, concept_texture if name == "concept" else 0.0)
+            concept = name == "concept"
+            img, whole, hair_m = person(size, rng, body, hair, concept_texture if concept else 0.0,
+                                        0.0 if concept else component_texture)
             imgs.append(_tensor(img))
             m = (whole & ~hair_m) if name == "concept" else hair_m
             masks.append(torch.from_numpy(m.astype(np.float32))[None])
