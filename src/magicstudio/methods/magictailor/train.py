@@ -141,12 +141,7 @@ class MagicTailor:
         dsbal = stage == "ds_bal" and cfg.use_dsbal
         momentum = None
         if dsbal:  # the momentum branch first: its weights are swapped in and out before the online graph exists
-            self.store.active = False
-            try:
-                with self.ema.swapped(), torch.no_grad():
-                    momentum = comps.unet(z_t, t, emb.detach()).sample
-            finally:
-                self.store.active = True
+            momentum = self.momentum_forward(z_t, t, emb.detach())
         self.store.reset()
         self.store.token_index = positions
         pred = comps.unet(z_t, t, emb).sample
@@ -191,6 +186,16 @@ class MagicTailor:
         terms["loss"] = loss.item()
         task = f"ds_bal:{self.sets[chosen].name}" if dsbal else stage
         return StepOutput(loss, terms, task, record)
+
+    @torch.no_grad()
+    def momentum_forward(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The momentum branch's output: the EMA adapter swapped into the same frozen U-Net, no graph, no capture."""
+        self.store.active = False
+        try:
+            with self.ema.swapped():
+                return self.comps.unet(z_t, t, emb).sample
+        finally:
+            self.store.active = True
 
     @torch.no_grad()
     def after_optimizer_step(self, phase: str, lr: float) -> None:
