@@ -148,7 +148,8 @@ class MagicTailor:
         target = noise if comps.prediction_type == "epsilon" else comps.scheduler.get_velocity(z0, noise, t.cpu())
         lat_mask = downsample_mask(masks.to(self.device), self.latent_size)  # nearest: stays binary
         per = masked_denoising_loss(pred, target, lat_mask, "paper", per_sample=True)  # (B,)
-        maps = stack_token_maps(self.store)  # (L, B, heads, S, S, K)
+        side = min(m.shape[2] for m in self.store.maps.values())  # one size ("paper": the 16x16 layers already)
+        maps = stack_token_maps(self.store, side)  # (L, B, heads, S, S, K)
         own_maps = torch.stack([maps[:, j, ..., owner[j]] for j in range(b)], dim=1)  # each image's own token
         attn = cross_attention_loss(own_maps, lat_mask, per_sample=True)  # (B,)
         self.last = dict(clean=clean, images=images, masks=masks, owner=owner, index=index, weight=w, t=t,
