@@ -9,3 +9,4 @@ from . import evaluate  # noqa: F401
 from . import bench  # noqa: F401
 from . import postprocess  # noqa: F401
 from . import toyworld  # noqa: F401
+from . import tailor  # noqa: F401

@@ -24,11 +24,13 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, per_sample: bool = 
     return F.mse_loss(pred.float(), target.float())
 
 
-def masked_denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mode: str = "paper") -> torch.Tensor:
+def masked_denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mode: str = "paper",
+                          per_sample: bool = False) -> torch.Tensor:
     """Eqs. 4-6: ``|| target * M - pred * M ||^2``, averaged over elements.
 
     ``mask``: (B, 1, h, w) in [0, 1] at the latent size (broadcast over channels).
-    ``mode="paper"``: exactly the equation, mean over all elements.
+    ``mode="paper"``: exactly the equation, mean over all elements (``per_sample``: over each sample's, shape (B,);
+    MagicTailor's masked diffusion loss, whose DS-Bal needs each image's value).
     ``mode="official"``: the authors' code: the mask is softened to ``(M + 0.01) / max`` so no region has zero
     weight, and the mean is rescaled by (all area / mask area) so small masks are not down-weighted.
     """
@@ -36,7 +38,12 @@ def masked_denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.
         raise ValueError(f"mask {tuple(mask.shape[-2:])} must be at the latent size {tuple(pred.shape[-2:])}")
     mask = mask.to(pred.dtype)
     if mode == "paper":
+        if per_sample:
+            sq = (pred.float() * mask - target.float() * mask).pow(2)
+            return sq.mean(dim=tuple(range(1, pred.dim())))
         return F.mse_loss(pred.float() * mask, target.float() * mask)
+    if per_sample:
+        raise ValueError("per_sample is only defined for mode='paper'")
     if mode == "official":
         soft = mask + 0.01
         soft = soft / soft.amax(dim=(-2, -1), keepdim=True)

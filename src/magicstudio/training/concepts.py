@@ -8,6 +8,7 @@ and horizontal flip, flipping masks, boxes and landmarks consistently (left/righ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ class ConceptSet:
     landmarks: torch.Tensor  # (N, 5, 2) pixels at R; NaN where no face
     boxes: torch.Tensor  # (N, 4) xyxy pixels at R; NaN where no face
     names: list[str]
+    prepared: Path | None = None  # the prepared folder it was read from (its manifest: crops, other masks)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -60,7 +62,8 @@ def load_concept(prepared_dir, resolution: int) -> ConceptSet:
         lm = torch.full((5, 2), float("nan")) if item.landmarks5 is None else torch.tensor(item.landmarks5, dtype=torch.float32) * scale
         bx = torch.full((4,), float("nan")) if item.face_box is None else torch.tensor(item.face_box, dtype=torch.float32) * scale
         imgs.append(arr), masks.append(m), lms.append(lm), boxes.append(bx), names.append(item.stem)
-    return ConceptSet(torch.stack(imgs), torch.stack(masks), torch.stack(lms), torch.stack(boxes), names)
+    return ConceptSet(torch.stack(imgs), torch.stack(masks), torch.stack(lms), torch.stack(boxes), names,
+                      Path(prepared_dir))
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, landmarks: torch.Tensor, boxes: torch.Tensor,

@@ -20,8 +20,13 @@ Setup = Callable[..., tuple[Callable[[], object], dict]]
 
 
 def run_method(source: str | Path, reference: str | Path, out: str | Path, cfg, setup: Setup, *,
-               resume: bool = False, progress: bool = True, device=None) -> RunDir:
-    """Train the method ``setup`` makes into the run folder ``out`` (``resume`` continues an unfinished one)."""
+               resume: bool = False, progress: bool = True, device=None, named: dict | None = None) -> RunDir:
+    """Train the method ``setup`` makes into the run folder ``out`` (``resume`` continues an unfinished one).
+
+    ``named`` ({name: folder}) instead of ``source`` / ``reference``: a method with other photo sets (see
+    ``personalize.open_run``); ``setup`` then gets ``{name: ConceptSet}`` in place of the source set and None."""
+    from functools import partial
+
     from .loop import train
     from .distributed import is_main_process, open_run_everywhere
     from .personalize import held_run, open_run, process_device
@@ -30,7 +35,7 @@ def run_method(source: str | Path, reference: str | Path, out: str | Path, cfg, 
         print(f"loading the base model ({cfg.model}) and the photos, then the method's own models ...",
               file=sys.stderr, flush=True)
     # only the main process checks, locks and writes the run folder; the other ranks get the same inputs
-    opened = open_run_everywhere(open_run, source, reference, out, cfg, resume, progress)
+    opened = open_run_everywhere(partial(open_run, named=named), source, reference, out, cfg, resume, progress)
     if opened is None:
         return RunDir(out)
     run, cfg, comps, source_set, reference_set = opened

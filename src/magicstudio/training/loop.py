@@ -43,6 +43,9 @@ class Phase:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     lr_warmup_steps: int = 0  # linear warm-up from 0 over the phase's first steps
+    # a multiplier of every group's lr at step k of the phase (torch's LambdaLR), in place of lr_schedule: for a
+    # method whose stages share one optimizer (MagicTailor's warm-up and DS-Bal)
+    lr_factor: Callable[[int], float] | None = None
 
 
 @dataclass
@@ -188,7 +191,8 @@ def _train(method, run, grad_accum, checkpoint_every, keep_checkpoints, sample_e
             optimizer = torch.optim.AdamW(groups, weight_decay=phase.weight_decay)
             if saved is not None and saved.get("phase") == phase.name and saved.get("optimizer"):
                 optimizer.load_state_dict(saved["optimizer"])
-            scheduler = make_lr_scheduler(optimizer, phase.lr_schedule, phase.steps, phase.lr_warmup_steps)
+            scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, phase.lr_factor) if phase.lr_factor is not None
+                         else make_lr_scheduler(optimizer, phase.lr_schedule, phase.steps, phase.lr_warmup_steps))
             with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
                 warnings.simplefilter("ignore")
                 for _ in range(step - start):

@@ -115,8 +115,10 @@ def encode_prompt(comps, prompt: str | list[str], token_ids: list[int], device: 
     return comps.text_encoder(ids)[0], positions
 
 
-def prepared_dir(folder: str | Path, role: str, cache_root: Path, size: int, progress: bool = True) -> Path:
-    """``folder`` itself when ``magicstudio prepare`` made it, else a prepared copy under ``cache_root``."""
+def prepared_dir(folder: str | Path, role: str, cache_root: Path, size: int, progress: bool = True,
+                 name: str | None = None) -> Path:
+    """``folder`` itself when ``magicstudio prepare`` made it, else a prepared copy under ``cache_root``
+    (in ``cache_root/name``, ``name`` defaulting to the role; ``name`` also names the set in messages)."""
     from ..data.prepare import MANIFEST, load_prepared, prepare_folder
 
     folder = Path(folder)
@@ -129,14 +131,15 @@ def prepared_dir(folder: str | Path, role: str, cache_root: Path, size: int, pro
         if prepared.role != role:
             log.warning("%s was prepared as a %s set and is used as the %s set here", folder, prepared.role, role)
         return folder
-    out = cache_root / role
+    label = name or role
+    out = cache_root / label
     report = prepare_folder(folder, role, out, size=size, progress=progress)
     if not report.items:
-        raise UserError(f"no usable {role} image in {folder}: " + "; ".join(f"{r.path}: {r.reason}" for r in report.rejected[:3]))
+        raise UserError(f"no usable {label} image in {folder}: " + "; ".join(f"{r.path}: {r.reason}" for r in report.rejected[:3]))
     for r in report.rejected:  # the photos left out, and why (prepare lists them too)
-        log.warning("%s photo skipped: %s: %s", role, r.path, r.reason)
+        log.warning("%s photo skipped: %s: %s", label, r.path, r.reason)
     for w in report.warnings:
-        log.warning("%s: %s", role, w)
+        log.warning("%s: %s", label, w)
     return out
 
 
@@ -163,7 +166,7 @@ RESUME_SAFE = frozenset({"checkpoint_every", "keep_checkpoints", "sample_every",
                          "gradient_checkpointing", "decode_checkpointing"})
 
 
-def open_run(source, reference, out, cfg, resume: bool = False, progress: bool = True):
+def open_run(source, reference, out, cfg, resume: bool = False, progress: bool = True, named: dict | None = None):
     """Everything a personalisation run does before its method exists, the same for every method.
 
     Takes the run folder's lock (held until ``close_run``; a second process is refused with the holder's pid);
@@ -172,6 +175,10 @@ def open_run(source, reference, out, cfg, resume: bool = False, progress: bool =
     loads the base model, resolves the resolution, prepares the photo folders (cached in the run) and loads
     them as ``ConceptSet``s. Returns ``(run, cfg, comps, source_set, reference_set)``, or None when ``resume``
     finds the run already finished. A start refused before ``config.yaml`` leaves no folder behind.
+
+    ``named`` ({name: folder}, for methods whose photo sets are not a source and a reference, e.g. MagicTailor's
+    concept and components) replaces ``source`` and ``reference``: every folder is prepared as a reference set
+    (its composition kept) and recorded under its name; the result is then ``(run, cfg, comps, {name: set}, None)``.
     """
     from .runs import RunDir
 
@@ -190,7 +197,14 @@ def open_run(source, reference, out, cfg, resume: bool = False, progress: bool =
     run.created = not run.path.exists()
     run.lock()
     try:
-        opened = _open_locked(run, source, reference, cfg, resume, progress)
+        folders = ({"source": (source, "source"), "reference": (reference, "reference")} if named is None
+                   else {name: (folder, "reference") for name, folder in named.items()})
+        opened = _open_locked(run, folders, cfg, resume, progress)
+        if opened is not None and named is None:
+            run_, cfg_, comps, sets = opened
+            opened = run_, cfg_, comps, sets["source"], sets["reference"]
+        elif opened is not None:
+            opened = (*opened, None)
     except BaseException:
         close_run(run, failed=run.created)
         raise
@@ -223,7 +237,8 @@ def held_run(run):
     close_run(run)
 
 
-def _open_locked(run, source, reference, cfg, resume, progress):
+def _open_locked(run, folders: dict, cfg, resume, progress):
+    """``folders``: {name: (folder, prepare role)}; returns (run, cfg, comps, {name: ConceptSet}) or None."""
     from ..models.base import load_base
     from .concepts import load_concept
     from .runs import folder_fingerprint
@@ -239,7 +254,7 @@ def _open_locked(run, source, reference, cfg, resume, progress):
     if resume and not started:
         log.warning("%s has no checkpoint yet: starting it again with this command's settings", run.path)
     inputs = {}
-    for role, folder in (("source", source), ("reference", reference)):
+    for role, (folder, _) in folders.items():
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"{role} folder not found: {folder}" if not folder.exists()
@@ -256,9 +271,11 @@ def _open_locked(run, source, reference, cfg, resume, progress):
     if cfg.resolution % comps.vae_scale:
         raise UserError(f"resolution {cfg.resolution} must be a multiple of {comps.vae_scale}")
     prep_size = max(cfg.resolution, 512)
-    src_dir = prepared_dir(source, "source", run.path / "prepared", prep_size, progress)
-    ref_dir = prepared_dir(reference, "reference", run.path / "prepared", prep_size, progress)
-    return run, cfg, comps, load_concept(src_dir, cfg.resolution), load_concept(ref_dir, cfg.resolution)
+    sets = {}
+    for name, (folder, role) in folders.items():
+        folder_ = prepared_dir(folder, role, run.path / "prepared", prep_size, progress, name=name)
+        sets[name] = load_concept(folder_, cfg.resolution)
+    return run, cfg, comps, sets
 
 
 def _resume_settings(run, saved: dict, cfg, inputs: dict):
@@ -266,7 +283,7 @@ def _resume_settings(run, saved: dict, cfg, inputs: dict):
     UserError naming every other difference (photos, base model, steps, learning rates, ...)."""
     mine = asdict(cfg)
     diffs = []
-    for role in ("source", "reference"):
+    for role in [k for k in inputs if not k.endswith("_sha256")]:
         old = saved.get(f"{role}_sha256")
         if old is None:  # a run folder from before fingerprints: the folder name is all there is
             log.warning("%s does not record its %s photos' checksum; cannot check that --%s holds the same photos",
