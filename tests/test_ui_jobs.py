@@ -57,21 +57,6 @@ def fake_python(tmp_path, body: str) -> str:
     return str(p)
 
 
-def test_a_training_is_done_only_with_its_done_marker_and_reports_progress(tmp_path, toy_sets):
-    store = JobStore(tmp_path / "jobs.sqlite")
-    runner = Runner(store, env=env())
-    job = runner.submit(tmp_path / "run", train_args(toy_sets), {"preset": "smoke"}, tmp_path / "job.log")
-    assert store.get(job)["state"] == RUNNING  # nothing else runs: it starts at once
-    j = wait(runner, job, lambda j: j["state"] != RUNNING)
-    assert j["state"] == DONE, j["reason"]
-    assert (tmp_path / "run" / "DONE").is_file()
-    p = progress_of(j)
-    assert (p["step"], p["total"], p["phase"]) == (6, 6, "lora")
-    assert [s for s, _ in p["losses"]] == list(range(1, 7)) and p["loss"] == p["losses"][-1][1]
-    # the same store read by a new server: the finished run is still listed, done
-    assert JobStore(tmp_path / "jobs.sqlite").get(job)["state"] == DONE
-
-
 def test_done_needs_the_marker_even_when_the_process_exits_0(tmp_path):
     runner = Runner(JobStore(tmp_path / "jobs.sqlite"), python=fake_python(tmp_path, "exit 0"))
     job = runner.submit(tmp_path / "run", [], {}, tmp_path / "job.log")
@@ -116,40 +101,51 @@ def test_one_training_at_a_time_in_queue_order_and_cancel(tmp_path):
     runner.stop()
 
 
-def test_cancel_then_resume_continues_from_the_checkpoint(tmp_path, toy_sets):
-    runner = Runner(JobStore(tmp_path / "jobs.sqlite"), env=env())
-    run = tmp_path / "run"
-    job = runner.submit(run, train_args(toy_sets, 2, 30), {}, tmp_path / "job.log")
+def test_cancel_then_resume_after_a_restart_continues_from_the_checkpoint(tmp_path, toy_sets):
+    """One real training: running -> Cancel -> cancelled (and still cancelled for a new server on the same --data)
+    -> Resume -> done, the second attempt continuing from the run's checkpoint with --resume."""
+    db, run = tmp_path / "jobs.sqlite", tmp_path / "run"
+    runner = Runner(JobStore(db), env=env())
+    job = runner.submit(run, train_args(toy_sets, 2, 24), {"preset": "smoke"}, tmp_path / "job.log")
+    assert runner.store.get(job)["state"] == RUNNING  # nothing else runs: it starts at once
     wait(runner, job, lambda j: (run / "checkpoints" / "step-000002" / "COMPLETE").is_file())
+    assert progress_of(runner.store.get(job))["eta"] is not None
     runner.cancel(job)
     j = wait(runner, job, lambda j: j["state"] != RUNNING)
     assert j["state"] == CANCELLED and not (run / "DONE").exists()
     stopped_at = progress_of(j)["step"]
-    assert 2 <= stopped_at < 32
-    runner.resume(job)
-    j = wait(runner, job, lambda j: j["state"] not in (QUEUED, RUNNING), 180)
-    assert j["state"] == DONE, j["reason"]
-    log = Path(j["log"]).read_text()
-    assert log.count("capture train") == 2
-    assert "--resume" in log.split("capture train")[2]
-    assert progress_of(j)["step"] == 32
-
-
-def test_a_server_restart_shows_the_job_interrupted_and_resume_finishes_it(tmp_path, toy_sets):
-    db = tmp_path / "jobs.sqlite"
-    runner = Runner(JobStore(db), env=env())
-    run = tmp_path / "run"
-    job = runner.submit(run, train_args(toy_sets, 2, 30), {}, tmp_path / "job.log")
-    wait(runner, job, lambda j: (run / "checkpoints" / "step-000002" / "COMPLETE").is_file())
-    pid = runner.store.get(job)["pid"]
-    os.killpg(pid, signal.SIGKILL)  # the server dies and takes its training with it
-    runner._proc.wait()
-    restarted = Runner(JobStore(db), env=env())
-    j = restarted.store.get(job)
-    assert j["state"] == INTERRUPTED and "server stopped" in j["reason"]
+    assert 2 <= stopped_at < 26
+    restarted = Runner(JobStore(db), env=env())  # a new server on the same --data
+    assert restarted.store.get(job)["state"] == CANCELLED
     restarted.resume(job)
     j = wait(restarted, job, lambda j: j["state"] not in (QUEUED, RUNNING), 180)
     assert j["state"] == DONE, j["reason"]
+    assert (run / "DONE").is_file()
+    log = Path(j["log"]).read_text().split("capture train")
+    assert len(log) == 3 and "--resume" not in log[1] and "--resume" in log[2]
+    p = progress_of(j)
+    assert (p["step"], p["total"], p["phase"]) == (26, 26, "lora")
+    assert [s for s, _ in p["losses"]] == list(range(1, 27)) and p["loss"] == p["losses"][-1][1]
+    assert JobStore(db).get(job)["state"] == DONE  # and the next server still lists it done
+
+
+def test_a_server_restart_shows_a_dead_training_interrupted_with_its_step(tmp_path):
+    db = tmp_path / "jobs.sqlite"
+    runner = Runner(JobStore(db), python=fake_python(tmp_path, "sleep 30"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 7, "loss": 0.4}\n')
+    job = runner.submit(run, ["train"], {}, tmp_path / "job.log")
+    os.killpg(runner.store.get(job)["pid"], signal.SIGKILL)  # the server dies and takes its training with it
+    runner._proc.wait()
+    j = Runner(JobStore(db), python=runner.python).store.get(job)
+    assert j["state"] == INTERRUPTED and j["reason"] == "the server stopped while this job was training (at step 7)"
+    resumed = Runner(JobStore(db), python=runner.python)
+    resumed.resume(job)
+    j = resumed.store.get(job)
+    assert j["state"] == RUNNING and j["resume"] == 1 and j["start_step"] == 7
+    assert resumed._proc.args[-1] == "--resume"
+    resumed.stop()
 
 
 def test_a_training_that_outlives_the_server_is_adopted_not_interrupted(tmp_path):
