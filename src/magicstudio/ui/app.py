@@ -1,0 +1,247 @@
+"""The Gradio page: Studio (photos -> masks -> preset -> Train -> live progress), Gallery (generate from a run,
+download its exports), Runs (every run with its status, settings and metrics). Every action is also an API
+endpoint (``api_name``) so ``gradio_client`` can drive the same functions the page uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import UserError
+from .jobs import FINISHED, RESUMABLE
+from .studio import PRESET_STEPS, Studio
+from .uploads import new_session, prepare_uploads, sample_sets, session_dir
+
+DEFAULT_PROMPT = "a photo of a <v1> person in the style of <v2>"
+POLL_SECONDS = 1.0
+
+
+def _named(files) -> list[tuple[str, str]]:
+    """Gradio's uploads (paths in its cache, under --data) with the client's name, which is only shown back."""
+    return [(str(f), Path(str(f)).name) for f in (files or [])]
+
+
+def _rejections(views) -> str:
+    lines = [f"- **{role}** {name}: {reason}" for role, v in views for name, reason in v.rejected]
+    lines += [f"- **{role}**: {w}" for role, v in views for w in v.warnings]
+    return ("**Not used:**\n" + "\n".join(lines)) if lines else "All photos were used."
+
+
+def _job_id(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"no job {value!r}") from None
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    def ensure_session(sid):
+        try:
+            return session_dir(studio.data, sid) if sid else None
+        except UserError:
+            return None
+
+    def prepared(sid, selfies, styles):
+        folder = ensure_session(sid)
+        if folder is None:
+            sid = new_session(studio.data)
+            folder = session_dir(studio.data, sid)
+        if not selfies or not styles:
+            raise gr.Error("upload both sets: selfies of the person and photos of the style")
+        views = [prepare_uploads(_named(selfies), "source", folder), prepare_uploads(_named(styles), "reference", folder)]
+        return show_sets(sid, views)
+
+    def samples(sid):
+        folder = ensure_session(sid)
+        if folder is None:
+            sid = new_session(studio.data)
+            folder = session_dir(studio.data, sid)
+        return show_sets(sid, list(sample_sets(folder, studio.model)))
+
+    def show_sets(sid, views):
+        src, ref = views
+        sets = {"source": str(src.folder) if src.folder else None, "reference": str(ref.folder) if ref.folder else None}
+        return sid, sets, src.tiles, ref.tiles, _rejections([("selfies", src), ("style", ref)])
+
+    def train(sets, preset, steps):
+        sets = sets or {}
+        try:
+            job = studio.train(Path(sets["source"]) if sets.get("source") else None,
+                               Path(sets["reference"]) if sets.get("reference") else None, preset, int(steps or 0))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return job_choices(job)
+
+    def job_choices(selected=None):
+        jobs = studio.jobs()
+        choices = [(f"job {j['id']}: {Path(j['run']).name} ({j['state']})", j["id"]) for j in jobs]
+        if selected is None and jobs:
+            selected = jobs[0]["id"]
+        return gr.update(choices=choices, value=selected)
+
+    def progress(job_id):
+        if job_id in (None, ""):
+            return ("No training yet: prepare photos, choose a preset and press Train.", None, None, "",
+                    gr.update(interactive=False), gr.update(interactive=False))
+        try:
+            d = studio.describe(_job_id(job_id))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        state = d["job"]["state"]
+        plot = _loss_frame(d["progress"]["losses"])
+        return (d["text"], d["progress"]["sample"], plot, d["log"],
+                gr.update(interactive=state not in FINISHED), gr.update(interactive=state in RESUMABLE))
+
+    def cancel(job_id):
+        if job_id in (None, ""):
+            raise gr.Error("no job selected")
+        try:
+            studio.runner.cancel(_job_id(job_id))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return progress(job_id)
+
+    def resume(job_id):
+        if job_id in (None, ""):
+            raise gr.Error("no job selected")
+        try:
+            studio.runner.resume(_job_id(job_id))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return progress(job_id)
+
+    def generate(run, prompt, seed, n, steps, attention):
+        if not run:
+            raise gr.Error("choose a finished run")
+        try:
+            paths = studio.generate(run, prompt, int(seed), int(n), int(steps), attention=bool(attention))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return [(str(p), p.name) for p in paths], f"{len(paths)} image(s) saved in the run's generated/ folder " \
+            "(each PNG carries its prompt, seed and settings)"
+
+    def export(run):
+        if not run:
+            raise gr.Error("choose a finished run")
+        try:
+            return str(studio.export_zip(run))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def run_choices():
+        done = studio.done_runs()
+        return gr.update(choices=done, value=done[0] if done else None)
+
+    def runs_table():
+        rows = []
+        for j in studio.jobs():
+            p = studio.describe(j["id"])["progress"]
+            s = j["settings"]
+            rows.append([j["id"], Path(j["run"]).name, j["state"], s.get("model", ""), s.get("preset", ""),
+                         f"{p['step']}/{p['total']}", "" if p["loss"] is None else round(p["loss"], 4), j["reason"]])
+        return rows
+
+    def run_details(name):
+        if not name:
+            return None, []
+        try:
+            run = studio.run_dir(name)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        cfg = run.read_config() if run.config_path.is_file() else {}
+        samples = sorted(run.samples.glob("*.png")) if run.samples.is_dir() else []
+        return cfg, [(str(p), p.stem) for p in samples]
+
+    def all_runs():
+        names = [Path(j["run"]).name for j in studio.jobs()]
+        return gr.update(choices=names, value=names[0] if names else None)
+
+    with gr.Blocks(title="magicstudio") as demo:
+        sid = gr.State(None)
+        sets = gr.State({})
+        gr.Markdown(f"# magicstudio\nA photo studio from a few selfies, on **{studio.model}**. Jobs are kept in "
+                    f"`{studio.data}`: a reload or a server restart loses nothing.")
+        with gr.Tabs():
+            with gr.Tab("Studio", id="studio"):
+                with gr.Row():
+                    selfies = gr.File(label="Selfies of the person (4-6)", file_count="multiple", file_types=["image"],
+                                      type="filepath", elem_id="selfies")
+                    styles = gr.File(label="Photos of the style (4-6)", file_count="multiple", file_types=["image"],
+                                     type="filepath", elem_id="styles")
+                with gr.Row():
+                    prep_btn = gr.Button("Prepare my photos", elem_id="prepare")
+                    sample_btn = gr.Button("Use the bundled samples", elem_id="samples")
+                with gr.Row():
+                    src_gal = gr.Gallery(label="Person: crops with face (green) and head (orange) masks", columns=5,
+                                         height=260, elem_id="source-tiles")
+                    ref_gal = gr.Gallery(label="Style: crops with masks", columns=5, height=260, elem_id="reference-tiles")
+                rejected = gr.Markdown(elem_id="rejected")
+                with gr.Row():
+                    preset = gr.Dropdown(list(PRESET_STEPS), value="smoke", label="Preset", elem_id="preset")
+                    steps = gr.Number(0, precision=0, label="Total steps (0: the preset's)", elem_id="steps")
+                    train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                estimate = gr.Markdown(studio.estimate("smoke"), elem_id="estimate")
+                job_pick = gr.Dropdown(label="Job", choices=[], allow_custom_value=True, elem_id="job")
+                status = gr.Markdown(elem_id="status")
+                with gr.Row():
+                    cancel_btn = gr.Button("Cancel", elem_id="cancel", interactive=False)
+                    resume_btn = gr.Button("Resume", elem_id="resume", interactive=False)
+                with gr.Row():
+                    sample_img = gr.Image(label="Latest sample", type="filepath", height=280, elem_id="sample")
+                    loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=280, elem_id="loss")
+                log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, elem_id="log")
+            with gr.Tab("Gallery", id="gallery"):
+                with gr.Row():
+                    run_pick = gr.Dropdown(label="Finished run", choices=[], allow_custom_value=True, elem_id="gallery-run")
+                    refresh_runs = gr.Button("Refresh", elem_id="gallery-refresh")
+                prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt (<v1>: the person, <v2>: the style; add edits "
+                                    "such as 'wearing sunglasses')", elem_id="prompt")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+                    n_images = gr.Slider(1, 8, value=4, step=1, label="Images", elem_id="n-images")
+                    gen_steps = gr.Slider(5, 100, value=25, step=1, label="Sampling steps", elem_id="gen-steps")
+                    attention = gr.Checkbox(False, label="<v1>/<v2> attention maps", elem_id="attention")
+                gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="images")
+                gen_note = gr.Markdown(elem_id="gen-note")
+                zip_btn = gr.Button("Download the run's exports (zip)", elem_id="zip")
+                zip_file = gr.File(label="Exports: diffusers LoRA, embeddings, A1111/ComfyUI files", elem_id="zip-file")
+            with gr.Tab("Runs", id="runs"):
+                runs_refresh = gr.Button("Refresh", elem_id="runs-refresh")
+                table = gr.Dataframe(headers=["job", "run", "status", "model", "preset", "step", "loss", "reason"],
+                                     interactive=False, elem_id="runs-table")
+                detail_pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, elem_id="runs-run")
+                with gr.Row():
+                    settings = gr.JSON(label="Settings (config.yaml)", elem_id="runs-settings")
+                    run_samples = gr.Gallery(label="Samples during training", columns=3, height=260)
+
+        set_outputs = [sid, sets, src_gal, ref_gal, rejected]
+        prep_btn.click(prepared, [sid, selfies, styles], set_outputs, api_name="prepare")
+        sample_btn.click(samples, [sid], set_outputs, api_name="samples")
+        for comp in (preset, steps):
+            comp.change(lambda p, s: studio.estimate(p, int(s or 0)), [preset, steps], estimate, api_name=False)
+        train_btn.click(train, [sets, preset, steps], job_pick, api_name="train")
+        panel = [status, sample_img, loss_plot, log, cancel_btn, resume_btn]
+        job_pick.change(progress, job_pick, panel, api_name=False)
+        gr.Timer(POLL_SECONDS).tick(progress, job_pick, panel, api_name="progress", show_progress="hidden")
+        cancel_btn.click(cancel, job_pick, panel, api_name="cancel")
+        resume_btn.click(resume, job_pick, panel, api_name="resume")
+        refresh_runs.click(run_choices, None, run_pick, api_name=False)
+        gen_btn.click(generate, [run_pick, prompt, seed, n_images, gen_steps, attention], [gallery, gen_note],
+                      api_name="generate")
+        zip_btn.click(export, run_pick, zip_file, api_name="export")
+        runs_refresh.click(runs_table, None, table, api_name="runs").then(all_runs, None, detail_pick, api_name=False)
+        detail_pick.change(run_details, detail_pick, [settings, run_samples], api_name=False)
+        demo.load(lambda: job_choices(), None, job_pick, api_name=False)
+        demo.load(run_choices, None, run_pick, api_name=False)
+        demo.load(runs_table, None, table, api_name=False).then(all_runs, None, detail_pick, api_name=False)
+    return demo
+
+
+def _loss_frame(losses):
+    import pandas as pd
+
+    return pd.DataFrame(losses or [], columns=["step", "loss"])
+
