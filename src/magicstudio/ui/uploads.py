@@ -141,10 +141,11 @@ def sample_sets(session: Path, model: str) -> tuple[PreparedView, PreparedView]:
             tw.write_concept_set(tw.concept_set(kind, 0, 5), out, role)
             views.append(_view(out, role, session))
         return views[0], views[1]
+    from ..data.images import list_images
     from ..data.samples import make_demo_sets
 
     src, ref = make_demo_sets(session / "samples")
-    return tuple(prepare_uploads([(str(p), p.name) for p in sorted(d.glob("*.png"))], role, session)
+    return tuple(prepare_uploads([(str(p), p.name) for p in list_images(d)], role, session)
                  for role, d in (("source", src), ("reference", ref)))
 
 
