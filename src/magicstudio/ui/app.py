@@ -12,7 +12,7 @@ import gradio as gr
 from ..errors import UserError
 from .jobs import FINISHED, RESUMABLE
 from .studio import PRESET_STEPS, Studio
-from .uploads import new_session, prepare_uploads, sample_sets, session_dir
+from .uploads import new_session, prepare_uploads, sample_concepts, sample_sets, session_dir, store_concept
 
 DEFAULT_PROMPT = "a photo of a <v1> person in the style of <v2>"
 POLL_SECONDS = 1.0
@@ -158,6 +158,36 @@ def build_app(studio: Studio) -> gr.Blocks:
         names = [Path(j["run"]).name for j in studio.jobs()]
         return gr.update(choices=names, value=names[0] if names else None)
 
+    def session_of(sid):
+        folder = ensure_session(sid)
+        if folder is None:
+            sid = new_session(studio.data)
+            folder = session_dir(studio.data, sid)
+        return sid, folder
+
+    def face_samples(sid):
+        sid, folder = session_of(sid)
+        slots = sample_concepts(folder, studio.model) + [("", None, None)] * 2
+        flat = [v for word, img, mask in slots[:2] for v in (word, str(img) if img else None, str(mask) if mask else None)]
+        prompt = "a photo of a person with hair" if studio.model == "toyworld" else "a photo of a person in a garden"
+        return [sid, *flat, prompt]
+
+    def face_run(sid, w1, i1, m1, w2, i2, m2, prompt, seed, n, steps):
+        sid, folder = session_of(sid)
+        try:
+            concepts = []
+            for k, (word, image, mask) in enumerate(((w1, i1, m1), (w2, i2, m2))):
+                if not (word or "").strip() and not image:
+                    continue
+                if not image:
+                    raise UserError(f"concept {k + 1} ({word}) has no photo")
+                concepts.append((word.strip(), store_concept(image, folder, k),
+                                 store_concept(mask, folder, k, "mask") if mask else None))
+            images, pictures = studio.magicface(concepts, prompt, int(seed), int(n), int(steps))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return sid, [(str(p), p.name) for p in images], [(str(p), p.name) for p in pictures]
+
     with gr.Blocks(title="magicstudio") as demo:
         sid = gr.State(None)
         sets = gr.State({})
@@ -183,15 +213,16 @@ def build_app(studio: Studio) -> gr.Blocks:
                     steps = gr.Number(0, precision=0, label="Total steps (0: the preset's)", elem_id="steps")
                     train_btn = gr.Button("Train", variant="primary", elem_id="train")
                 estimate = gr.Markdown(studio.estimate("smoke"), elem_id="estimate")
-                job_pick = gr.Dropdown(label="Job", choices=[], allow_custom_value=True, elem_id="job")
-                status = gr.Markdown(elem_id="status")
-                with gr.Row():
-                    cancel_btn = gr.Button("Cancel", elem_id="cancel", interactive=False)
-                    resume_btn = gr.Button("Resume", elem_id="resume", interactive=False)
-                with gr.Row():
-                    sample_img = gr.Image(label="Latest sample", type="filepath", height=280, elem_id="sample")
-                    loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=280, elem_id="loss")
-                log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, elem_id="log")
+                with gr.Group(elem_id="progress"):
+                    job_pick = gr.Dropdown(label="Job", choices=[], allow_custom_value=True, elem_id="job")
+                    status = gr.Markdown(elem_id="status")
+                    with gr.Row():
+                        cancel_btn = gr.Button("Cancel", elem_id="cancel", interactive=False)
+                        resume_btn = gr.Button("Resume", elem_id="resume", interactive=False)
+                    with gr.Row():
+                        sample_img = gr.Image(label="Latest sample", type="filepath", height=280, elem_id="sample")
+                        loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=280, elem_id="loss")
+                    log = gr.Textbox(label="Log (last lines)", lines=6, max_lines=12, elem_id="log")
             with gr.Tab("Gallery", id="gallery"):
                 with gr.Row():
                     run_pick = gr.Dropdown(label="Finished run", choices=[], allow_custom_value=True, elem_id="gallery-run")
@@ -204,10 +235,33 @@ def build_app(studio: Studio) -> gr.Blocks:
                     gen_steps = gr.Slider(5, 100, value=25, step=1, label="Sampling steps", elem_id="gen-steps")
                     attention = gr.Checkbox(False, label="<v1>/<v2> attention maps", elem_id="attention")
                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="images")
+                gallery = gr.Gallery(label="Images", columns=4, height=300, fit_columns=False, object_fit="contain", elem_id="images")
                 gen_note = gr.Markdown(elem_id="gen-note")
                 zip_btn = gr.Button("Download the run's exports (zip)", elem_id="zip")
                 zip_file = gr.File(label="Exports: diffusers LoRA, embeddings, A1111/ComfyUI files", elem_id="zip-file")
+            with gr.Tab("MagicFace", id="magicface"):
+                gr.Markdown("Training-free portraits from concept photos (MagicFace): each concept is a word of the "
+                            "prompt and its photo; face/head/hair/person words get automatic masks, or give one.")
+                slots = []
+                with gr.Row():
+                    for k in range(2):
+                        with gr.Column():
+                            slots.append(gr.Textbox(label=f"Concept {k + 1}: its word in the prompt", elem_id=f"mf-word-{k}"))
+                            slots.append(gr.Image(type="filepath", label="Photo", height=200, elem_id=f"mf-image-{k}"))
+                            slots.append(gr.Image(type="filepath", label="Mask (optional)", height=200,
+                                                  image_mode="L", elem_id=f"mf-mask-{k}"))
+                mf_prompt = gr.Textbox("a photo of a person with hair", label="Prompt", elem_id="mf-prompt")
+                with gr.Row():
+                    mf_seed = gr.Number(0, precision=0, label="Seed")
+                    mf_n = gr.Slider(1, 4, value=1, step=1, label="Images")
+                    mf_steps = gr.Slider(5, 100, value=25, step=1, label="Sampling steps")
+                with gr.Row():
+                    mf_samples = gr.Button("Use the samples", elem_id="mf-samples")
+                    mf_btn = gr.Button("Generate", variant="primary", elem_id="mf-generate")
+                with gr.Row():
+                    mf_images = gr.Gallery(label="Portraits", columns=4, height=260, elem_id="mf-images")
+                    mf_masks = gr.Gallery(label="References with masks; segmentation at every step", columns=1,
+                                          height=260, elem_id="mf-masks")
             with gr.Tab("Runs", id="runs"):
                 runs_refresh = gr.Button("Refresh", elem_id="runs-refresh")
                 table = gr.Dataframe(headers=["job", "run", "status", "model", "preset", "step", "loss", "reason"],
@@ -234,6 +288,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         zip_btn.click(export, run_pick, zip_file, api_name="export")
         runs_refresh.click(runs_table, None, table, api_name="runs").then(all_runs, None, detail_pick, api_name=False)
         detail_pick.change(run_details, detail_pick, [settings, run_samples], api_name=False)
+        mf_samples.click(face_samples, [sid], [sid, *slots, mf_prompt], api_name="magicface_samples")
+        mf_btn.click(face_run, [sid, *slots, mf_prompt, mf_seed, mf_n, mf_steps], [sid, mf_images, mf_masks],
+                     api_name="magicface")
         demo.load(lambda: job_choices(), None, job_pick, api_name=False)
         demo.load(run_choices, None, run_pick, api_name=False)
         demo.load(runs_table, None, table, api_name=False).then(all_runs, None, detail_pick, api_name=False)

@@ -159,6 +159,29 @@ class Studio:
         tmp.replace(out)
         return out
 
+    # -- MagicFace (training-free: runs in the server, one at a time like generation)
+    def magicface(self, concepts: list[tuple[str, Path, Path | None]], prompt: str, seed: int = 0, n: int = 1,
+                  steps: int = 25, guidance: float = 5.0) -> tuple[list[Path], list[Path]]:
+        """``concepts``: (prompt word, image, optional mask) with server-side paths; returns (images, the
+        references with their masks and the per-step segmentation pictures)."""
+        from ..methods.magicface import parse_concept, run_magicface
+
+        if not concepts:
+            raise UserError("give at least one concept: a word of the prompt and its photo")
+        if not 1 <= int(n) <= 4:
+            raise UserError("number of images: 1 to 4")
+        parsed = []
+        for word, image, mask in concepts:
+            c = parse_concept(f"{word}={image}")  # the word's rules, one line each
+            c.mask = mask
+            parsed.append(c)
+        out = self.data / "magicface" / (time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2))
+        with self._generating:
+            images = run_magicface(parsed, prompt, out, self.model, num_images=int(n), seed=int(seed),
+                                   steps=int(steps), guidance=float(guidance), save_masks=True)
+        pictures = sorted(out.glob("references*.png")) + sorted(out.glob("*-masks.png"))
+        return list(images), pictures
+
     def close(self) -> None:
         self.runner.stop()
         self.store.close()

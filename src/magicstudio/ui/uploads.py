@@ -163,3 +163,43 @@ def _view(out: Path, role: str, session: Path) -> PreparedView:
         face = item.mask_stats.get("face", {}).get("area")
         tiles.append((str(tile), f"{item.stem}: face mask {face:.0%} of the crop" if face is not None else item.stem))
     return PreparedView(out, tiles)
+
+
+def store_concept(path: str, session: Path, index: int, kind: str = "image") -> Path:
+    """One MagicFace upload (a concept's photo, or its mask), decoded and re-encoded as ``magicface/<kind>-N.png``."""
+    folder = session / "magicface"
+    folder.mkdir(exist_ok=True)
+    try:
+        image = decode_photo(Path(path))
+    except UserError as exc:
+        raise UserError(f"concept {index + 1}'s {kind}: {exc}") from None
+    target = folder / f"{kind}-{index}.png"
+    image.save(target, format="PNG")
+    return target
+
+
+def sample_concepts(session: Path, model: str) -> list[tuple[str, Path, Path | None]]:
+    """MagicFace samples: in the toy world the held-out person's face and another person's hair (with its mask, as
+    ``magicstudio demo`` does); otherwise a bundled portrait as "person" (automatic mask)."""
+    import numpy as np
+
+    folder = session / "magicface"
+    folder.mkdir(exist_ok=True)
+    if model != "toyworld":
+        from ..data.samples import sample_photos
+
+        target = folder / "sample-person.png"
+        decode_photo(sample_photos()[1]).save(target)
+        return [("person", target, None)]
+    from ..data import toyworld as tw
+
+    person = tw.concept_set("identity", 0, 1)[0]
+    donor = tw.render(tw.HELD_OUT_IDENTITIES[1], tw.HELD_OUT_STYLES[1], np.random.default_rng(1))
+    hair = np.where(donor.masks["face"] > 0, 0, donor.masks["head"]).astype(np.uint8)
+    files = []
+    for word, image, mask in (("person", person.image, person.masks["face"]), ("hair", donor.image, hair)):
+        img, msk = folder / f"sample-{word}.png", folder / f"sample-{word}-mask.png"
+        Image.fromarray(image).save(img)
+        Image.fromarray(mask).save(msk)
+        files.append((word, img, msk))
+    return files
