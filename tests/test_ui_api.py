@@ -163,14 +163,14 @@ def test_magicface_tab_makes_portraits_with_segmentation_pictures(server):
     w1, i1, m1, w2, i2, m2, prompt = c.predict(api_name="/magicface_samples")
     assert (w1, w2) == ("person", "hair")
     files = [handle_file(p) for p in (i1, m1, i2, m2)]
-    images, pictures = c.predict(w1, files[0], files[1], w2, files[2], files[3], prompt, 0, 1, 4, api_name="/magicface")
+    images, pictures = c.predict(w1, files[0], files[1], w2, files[2], files[3], prompt, 0, 1, 5, api_name="/magicface")
     assert len(images) == 1 and images[0]["caption"].endswith(".png")
     names = [p["caption"] for p in pictures]
     assert "references.png" in names and any(n.endswith("-masks.png") for n in names)
     with pytest.raises(Exception, match="hair"):  # a concept word the prompt does not name: one line
-        c.predict(w1, files[0], files[1], w2, files[2], files[3], "a photo of a person", 0, 1, 4, api_name="/magicface")
+        c.predict(w1, files[0], files[1], w2, files[2], files[3], "a photo of a person", 0, 1, 5, api_name="/magicface")
     bad = Path(studio.data) / "bad.png"
     bad.write_text("text")
     with pytest.raises(Exception):  # refused (by Gradio's own decoding, or ours), and the server goes on
-        c.predict(w1, handle_file(str(bad)), None, "", None, None, prompt, 0, 1, 4, api_name="/magicface")
+        c.predict(w1, handle_file(str(bad)), None, "", None, None, prompt, 0, 1, 5, api_name="/magicface")
     assert "No training yet" in c.predict(None, api_name="/progress")[0]
