@@ -174,3 +174,22 @@ def test_magicface_tab_makes_portraits_with_segmentation_pictures(server):
     with pytest.raises(Exception):  # refused (by Gradio's own decoding, or ours), and the server goes on
         c.predict(w1, handle_file(str(bad)), None, "", None, None, prompt, 0, 1, 5, api_name="/magicface")
     assert "No training yet" in c.predict(None, api_name="/progress")[0]
+
+
+def test_a_failed_training_says_why_in_the_page_and_shows_its_log(server, tmp_path):
+    studio, url = server()
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho '[1/8] textual_inversion loss 0.5'\necho 'error: out of memory on cpu: tried to "
+                    "allocate 2.0 GiB' >&2\nexit 2\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    studio.runner.python = str(fake)
+    c = Client(url, verbose=False)
+    c.predict(api_name="/samples")
+    job = c.predict("smoke", 8, api_name="/train")["value"]
+    deadline = time.time() + 10
+    while "**failed**" not in (text := c.predict(job, api_name="/progress"))[0] and time.time() < deadline:
+        time.sleep(0.2)
+    assert text[0].endswith("failed: out of memory on cpu: tried to allocate 2.0 GiB")
+    assert "[1/8] textual_inversion loss 0.5" in text[3]  # the log's last lines
+    table = c.predict(api_name="/runs")
+    assert [row[2] for row in table["data"]] == ["failed"]

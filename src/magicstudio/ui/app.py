@@ -5,6 +5,7 @@ endpoint (``api_name``) so ``gradio_client`` can drive the same functions the pa
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gradio as gr
@@ -16,6 +17,9 @@ from .uploads import new_session, prepare_uploads, sample_concepts, sample_sets,
 
 DEFAULT_PROMPT = "a photo of a <v1> person in the style of <v2>"
 POLL_SECONDS = 1.0
+#: the Gallery's post-processing choices -> (factor, super-resolution): lanczos needs nothing, Real-ESRGAN magicstudio[upscale]
+UPSCALE = {"off": (0, "lanczos"), "2x (lanczos)": (2, "lanczos"), "4x (lanczos)": (4, "lanczos"),
+           "2x (Real-ESRGAN)": (2, "realesrgan"), "4x (Real-ESRGAN)": (4, "realesrgan")}
 
 
 def _named(files) -> list[tuple[str, str]]:
@@ -30,34 +34,47 @@ def _rejections(views) -> str:
 
 
 def _job_id(value) -> int:
+    if value in (None, ""):
+        raise UserError("no job selected")
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"no job {value!r}") from None
+        raise UserError(f"no job {value!r}") from None
+
+
+def one_line(fn):
+    """A handler whose UserError (or file-system error) is shown in the page as its one line, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        except OSError as exc:
+            raise gr.Error(f"{exc.strerror or exc}" + (f": {Path(exc.filename).name}" if exc.filename else "")) from None
+    return wrapper
 
 
 def build_app(studio: Studio) -> gr.Blocks:
-    def ensure_session(sid):
+    def session_of(sid):
+        """This page's upload folder (a new one on the first upload, or when the old one is gone)."""
         try:
-            return session_dir(studio.data, sid) if sid else None
+            return sid, session_dir(studio.data, sid)
         except UserError:
-            return None
+            sid = new_session(studio.data)
+            return sid, session_dir(studio.data, sid)
 
+    @one_line
     def prepared(sid, selfies, styles):
-        folder = ensure_session(sid)
-        if folder is None:
-            sid = new_session(studio.data)
-            folder = session_dir(studio.data, sid)
         if not selfies or not styles:
-            raise gr.Error("upload both sets: selfies of the person and photos of the style")
-        views = [prepare_uploads(_named(selfies), "source", folder), prepare_uploads(_named(styles), "reference", folder)]
-        return show_sets(sid, views)
+            raise UserError("upload both sets: selfies of the person and photos of the style")
+        sid, folder = session_of(sid)
+        return show_sets(sid, [prepare_uploads(_named(selfies), "source", folder),
+                               prepare_uploads(_named(styles), "reference", folder)])
 
+    @one_line
     def samples(sid):
-        folder = ensure_session(sid)
-        if folder is None:
-            sid = new_session(studio.data)
-            folder = session_dir(studio.data, sid)
+        sid, folder = session_of(sid)
         return show_sets(sid, list(sample_sets(folder, studio.model)))
 
     def show_sets(sid, views):
@@ -65,13 +82,11 @@ def build_app(studio: Studio) -> gr.Blocks:
         sets = {"source": str(src.folder) if src.folder else None, "reference": str(ref.folder) if ref.folder else None}
         return sid, sets, src.tiles, ref.tiles, _rejections([("selfies", src), ("style", ref)])
 
+    @one_line
     def train(sets, preset, steps):
         sets = sets or {}
-        try:
-            job = studio.train(Path(sets["source"]) if sets.get("source") else None,
-                               Path(sets["reference"]) if sets.get("reference") else None, preset, int(steps or 0))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        job = studio.train(Path(sets["source"]) if sets.get("source") else None,
+                           Path(sets["reference"]) if sets.get("reference") else None, preset, int(steps or 0))
         return job_choices(job)
 
     def job_choices(selected=None):
@@ -81,54 +96,40 @@ def build_app(studio: Studio) -> gr.Blocks:
             selected = jobs[0]["id"]
         return gr.update(choices=choices, value=selected)
 
+    @one_line
     def progress(job_id):
         if job_id in (None, ""):
             return ("No training yet: prepare photos, choose a preset and press Train.", None, None, "",
                     gr.update(interactive=False), gr.update(interactive=False))
-        try:
-            d = studio.describe(_job_id(job_id))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        d = studio.describe(_job_id(job_id))
         state = d["job"]["state"]
-        plot = _loss_frame(d["progress"]["losses"])
-        return (d["text"], d["progress"]["sample"], plot, d["log"],
+        return (d["text"], d["progress"]["sample"], _loss_frame(d["progress"]["losses"]), d["log"],
                 gr.update(interactive=state not in FINISHED), gr.update(interactive=state in RESUMABLE))
 
+    @one_line
     def cancel(job_id):
-        if job_id in (None, ""):
-            raise gr.Error("no job selected")
-        try:
-            studio.runner.cancel(_job_id(job_id))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        studio.runner.cancel(_job_id(job_id))
         return progress(job_id)
 
+    @one_line
     def resume(job_id):
-        if job_id in (None, ""):
-            raise gr.Error("no job selected")
-        try:
-            studio.runner.resume(_job_id(job_id))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        studio.runner.resume(_job_id(job_id))
         return progress(job_id)
 
-    def generate(run, prompt, seed, n, steps, attention):
+    @one_line
+    def generate(run, prompt, seed, n, steps, attention, upscale):
         if not run:
-            raise gr.Error("choose a finished run")
-        try:
-            paths = studio.generate(run, prompt, int(seed), int(n), int(steps), attention=bool(attention))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError("choose a finished run")
+        paths = studio.generate(run, prompt, int(seed), int(n), int(steps), attention=bool(attention),
+                                upscale=UPSCALE[upscale])
         return [(str(p), p.name) for p in paths], f"{len(paths)} image(s) saved in the run's generated/ folder " \
             "(each PNG carries its prompt, seed and settings)"
 
+    @one_line
     def export(run):
         if not run:
-            raise gr.Error("choose a finished run")
-        try:
-            return str(studio.export_zip(run))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError("choose a finished run")
+        return str(studio.export_zip(run))
 
     def run_choices():
         done = studio.done_runs()
@@ -143,13 +144,11 @@ def build_app(studio: Studio) -> gr.Blocks:
                          f"{p['step']}/{p['total']}", "" if p["loss"] is None else round(p["loss"], 4), j["reason"]])
         return rows
 
+    @one_line
     def run_details(name):
         if not name:
             return None, []
-        try:
-            run = studio.run_dir(name)
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        run = studio.run_dir(name)
         cfg = run.read_config() if run.config_path.is_file() else {}
         samples = sorted(run.samples.glob("*.png")) if run.samples.is_dir() else []
         return cfg, [(str(p), p.stem) for p in samples]
@@ -158,13 +157,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         names = [Path(j["run"]).name for j in studio.jobs()]
         return gr.update(choices=names, value=names[0] if names else None)
 
-    def session_of(sid):
-        folder = ensure_session(sid)
-        if folder is None:
-            sid = new_session(studio.data)
-            folder = session_dir(studio.data, sid)
-        return sid, folder
-
+    @one_line
     def face_samples(sid):
         sid, folder = session_of(sid)
         slots = sample_concepts(folder, studio.model) + [("", None, None)] * 2
@@ -172,20 +165,18 @@ def build_app(studio: Studio) -> gr.Blocks:
         prompt = "a photo of a person with hair" if studio.model == "toyworld" else "a photo of a person in a garden"
         return [sid, *flat, prompt]
 
+    @one_line
     def face_run(sid, w1, i1, m1, w2, i2, m2, prompt, seed, n, steps):
         sid, folder = session_of(sid)
-        try:
-            concepts = []
-            for k, (word, image, mask) in enumerate(((w1, i1, m1), (w2, i2, m2))):
-                if not (word or "").strip() and not image:
-                    continue
-                if not image:
-                    raise UserError(f"concept {k + 1} ({word}) has no photo")
-                concepts.append((word.strip(), store_concept(image, folder, k),
-                                 store_concept(mask, folder, k, "mask") if mask else None))
-            images, pictures = studio.magicface(concepts, prompt, int(seed), int(n), int(steps))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        concepts = []
+        for k, (word, image, mask) in enumerate(((w1, i1, m1), (w2, i2, m2))):
+            if not (word or "").strip() and not image:
+                continue
+            if not image:
+                raise UserError(f"concept {k + 1} ({word}) has no photo")
+            concepts.append((word.strip(), store_concept(image, folder, k),
+                             store_concept(mask, folder, k, "mask") if mask else None))
+        images, pictures = studio.magicface(concepts, prompt, int(seed), int(n), int(steps))
         return sid, [(str(p), p.name) for p in images], [(str(p), p.name) for p in pictures]
 
     with gr.Blocks(title="magicstudio") as demo:
@@ -234,6 +225,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     n_images = gr.Slider(1, 8, value=4, step=1, label="Images", elem_id="n-images")
                     gen_steps = gr.Slider(5, 100, value=25, step=1, label="Sampling steps", elem_id="gen-steps")
                     attention = gr.Checkbox(False, label="<v1>/<v2> attention maps", elem_id="attention")
+                    upscale = gr.Dropdown(list(UPSCALE), value="off", label="Post-processing (upscale)", elem_id="upscale")
                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Images", columns=4, height=300, fit_columns=False, object_fit="contain", elem_id="images")
                 gen_note = gr.Markdown(elem_id="gen-note")
@@ -283,7 +275,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         cancel_btn.click(cancel, job_pick, panel, api_name="cancel")
         resume_btn.click(resume, job_pick, panel, api_name="resume")
         refresh_runs.click(run_choices, None, run_pick, api_name=False)
-        gen_btn.click(generate, [run_pick, prompt, seed, n_images, gen_steps, attention], [gallery, gen_note],
+        gen_btn.click(generate, [run_pick, prompt, seed, n_images, gen_steps, attention, upscale], [gallery, gen_note],
                       api_name="generate")
         zip_btn.click(export, run_pick, zip_file, api_name="export")
         runs_refresh.click(runs_table, None, table, api_name="runs").then(all_runs, None, detail_pick, api_name=False)

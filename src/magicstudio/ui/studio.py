@@ -128,8 +128,9 @@ class Studio:
         return [Path(j["run"]).name for j in self.store.all() if j["state"] == DONE]
 
     def generate(self, name: str, prompt: str, seed: int, n: int, steps: int = 25, guidance: float = 5.0,
-                 attention: bool = False) -> list[Path]:
-        """Images (PNG, parameters inside) into ``RUN/generated``; one generation at a time on this server."""
+                 attention: bool = False, upscale: tuple[int, str] = (0, "lanczos")) -> list[Path]:
+        """Images (PNG, parameters inside) into ``RUN/generated``; one generation at a time on this server.
+        ``upscale`` (factor, super-resolution): also a post-processed ``-post.png`` beside each image."""
         from ..training.generate import generate
 
         run = self.run_dir(name)
@@ -139,9 +140,11 @@ class Studio:
             raise UserError("number of images: 1 to 8")
         with self._generating:
             paths = generate(run.path, run.path / "generated", prompt or None, num_images=int(n), seed=int(seed),
-                             steps=int(steps), guidance=float(guidance), save_attention=attention)
-        maps = [p.with_name(p.stem + "-attention.png") for p in paths] if attention else []
-        return list(paths) + [m for m in maps if m.is_file()]
+                             steps=int(steps), guidance=float(guidance), save_attention=attention,
+                             upscale=upscale[0], sr=upscale[1])
+        extra = [p.with_name(p.stem + "-post.png") for p in paths] if upscale[0] else []
+        extra += [p.with_name(p.stem + "-attention.png") for p in paths] if attention else []
+        return list(paths) + [m for m in extra if m.is_file()]
 
     def export_zip(self, name: str) -> Path:
         """``DATA/exports/<run>.zip``: the diffusers LoRA, the embeddings, the A1111/ComfyUI files, config.yaml."""
