@@ -193,3 +193,12 @@ def test_a_failed_training_says_why_in_the_page_and_shows_its_log(server, tmp_pa
     assert "[1/8] textual_inversion loss 0.5" in text[3]  # the log's last lines
     table = c.predict(api_name="/runs")
     assert [row[2] for row in table["data"]] == ["failed"]
+
+
+def test_the_ui_command_refuses_bad_flags_in_one_line(capsys):
+    from magicstudio.__main__ import main
+
+    assert main(["ui", "--auth", "nopassword"]) == 2
+    assert "error: --auth must be USER:PASS" in capsys.readouterr().err
+    assert main(["ui", "--port", "70000"]) == 2
+    assert "between 1 and 65535" in capsys.readouterr().err

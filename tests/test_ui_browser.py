@@ -83,7 +83,7 @@ def test_the_studio_end_to_end_in_chromium(tmp_path, photos):
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(120_000)  # a busy CI machine is slow
             page.goto(url)
             selfies, styles = photos
             page.locator("#selfies input[type=file]").set_input_files(selfies)
@@ -91,7 +91,7 @@ def test_the_studio_end_to_end_in_chromium(tmp_path, photos):
             page.locator("#selfies").get_by_text("holiday").first.wait_for()
             page.locator("#styles").get_by_text("style_4").first.wait_for()
             page.locator("#prepare").click()
-            page.locator("#source-tiles img").nth(3).wait_for()  # the four selfies' crops with their masks
+            page.locator("#source-tiles img").nth(3).wait_for(timeout=240_000)  # the four selfies' crops with their masks
             page.locator("#reference-tiles img").nth(3).wait_for()
             rejected = page.locator("#rejected")
             sync_api.expect(rejected).to_contain_text("holiday.jpg: not an image")

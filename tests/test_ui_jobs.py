@@ -161,3 +161,14 @@ def test_a_training_that_outlives_the_server_is_adopted_not_interrupted(tmp_path
     restarted.tick()
     assert restarted.store.get(job)["state"] == FAILED and restarted.store.get(second)["state"] == RUNNING
     restarted.stop()
+
+
+def test_a_job_that_cannot_start_fails_with_the_reason_and_the_queue_goes_on(tmp_path):
+    runner = Runner(JobStore(tmp_path / "jobs.sqlite"), python=str(tmp_path / "no-such-python"))
+    first = runner.submit(tmp_path / "run1", [], {}, tmp_path / "1.log")
+    j = runner.store.get(first)
+    assert j["state"] == FAILED and j["reason"] == "could not start the training process: No such file or directory"
+    runner.python = fake_python(tmp_path, "sleep 30")
+    second = runner.submit(tmp_path / "run2", [], {}, tmp_path / "2.log")
+    assert runner.store.get(second)["state"] == RUNNING
+    runner.stop()

@@ -258,8 +258,13 @@ class Runner:
         with open(job["log"], "ab") as log:
             log.write(f"\n$ {' '.join(argv[1:])}\n".encode())
             log.flush()
-            self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=self.env, start_new_session=True)
+            try:
+                self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              env=self.env, start_new_session=True)
+            except OSError as exc:  # no interpreter, no memory for a process: this job fails, the queue goes on
+                self.store.update(job["id"], state=FAILED, finished_at=time.time(),
+                                  reason=f"could not start the training process: {exc.strerror or exc}")
+                return
         self._job = job["id"]
         self.store.update(job["id"], state=RUNNING, pid=self._proc.pid, started_at=time.time(),
                           start_step=progress_of(job)["step"])
