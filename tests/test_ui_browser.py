@@ -126,7 +126,7 @@ def test_the_studio_end_to_end_in_chromium(tmp_path, photos):
             page.locator("#gen-steps input[type=number]").fill("10")
             page.locator("#gen-steps input[type=number]").press("Enter")
             page.locator("#generate").click()
-            page.locator("#images img").nth(1).wait_for(timeout=180_000)
+            page.locator("#images img").nth(1).wait_for(timeout=int(180_000 * SLOW))
             sync_api.expect(page.locator("#gen-note")).to_contain_text("2 image(s) saved")
             shot(page, tmp_path, "gallery")
             generated = sorted((data / "runs" / run_name / "generated").glob("*.png"))
