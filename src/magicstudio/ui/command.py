@@ -69,9 +69,7 @@ def serve(data: Path, model: str, host: str = "127.0.0.1", port: int = 7860, aut
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=4)
     try:
-        demo.launch(server_name=host, server_port=port, auth=auth, share=False, allowed_paths=[str(data)],
-                    max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, quiet=not block, show_error=True,
-                    ssr_mode=False, footer_links=[])
+        _launch(demo, host, port, auth, data, block)
     except BaseException:
         studio.close()
         raise
@@ -79,3 +77,20 @@ def serve(data: Path, model: str, host: str = "127.0.0.1", port: int = 7860, aut
         studio.close()  # Ctrl-C: the running training stops too; the next server shows it interrupted (Resume)
         return None
     return studio, demo
+
+
+def _launch(demo, host: str, port: int, auth, data: Path, block: bool, attempts: int = 3) -> None:
+    """``demo.launch`` with the studio's settings. Gradio refuses to start when its own 3-second check of the local
+    URL fails, which a heavily loaded machine can cause: try again, then say so in one line."""
+    for attempt in range(attempts):
+        try:
+            demo.launch(server_name=host, server_port=port, auth=auth, share=False, allowed_paths=[str(data)],
+                        max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, quiet=not block, show_error=True,
+                        ssr_mode=False, footer_links=[])
+            return
+        except ValueError as exc:
+            if "localhost is not accessible" not in str(exc):
+                raise
+            demo.close()
+    raise UserError(f"the server on {host}:{port} did not answer its own check (a proxy setting for localhost, or a "
+                    "machine too busy to answer in 3 s?)")
