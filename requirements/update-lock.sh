@@ -5,6 +5,6 @@
 # then run the test suite against the new lock before committing it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-uv pip compile pyproject.toml --extra dev --extra eval --extra ui --extra cluster --extra upscale \
+uv pip compile pyproject.toml --extra dev --extra eval --extra ui --extra ui-test --extra cluster --extra upscale \
     -c constraints-cpu.txt --find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     --custom-compile-command "bash requirements/update-lock.sh" -o requirements/lock-cpu.txt "$@"
