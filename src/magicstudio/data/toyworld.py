@@ -345,6 +345,32 @@ def describe_style(style: Style) -> str:
     return f"in a {style.pattern} {style.palette} style wearing a {style.clothes}"
 
 
+def _identity_phrases(identity: Identity) -> list[str]:
+    """One phrase per identity attribute ("with red hair", ...; the accessory only when there is one)."""
+    phrases = [f"with {identity.hair} hair", f"with {identity.hairstyle} hair", f"with {identity.eyes} eyes",
+               f"with {identity.skin} skin", f"with {_article(identity.face)} {identity.face} face"]
+    if identity.accessory != "none":
+        phrases.append(f"wearing {identity.accessory}")
+    return phrases
+
+
+def _some_phrases(phrases: list[str], n: int, rng: np.random.Generator) -> str:
+    """"a person" and ``n`` of ``phrases`` in random order."""
+    return " ".join(["a person"] + [phrases[i] for i in rng.permutation(len(phrases))[:n]])
+
+
+def _style_tail(style: Style, r: float, cuts: tuple[float, float, float]) -> str:
+    """The style part of a caption, chosen by ``r`` in [0, 1): none below ``cuts[0]``, pattern and palette below
+    ``cuts[1]``, the pattern alone below ``cuts[2]``, else the palette alone."""
+    if r < cuts[0]:
+        return ""
+    if r < cuts[1]:
+        return f" in a {style.pattern} {style.palette} style"
+    if r < cuts[2]:
+        return f" in a {style.pattern} style"
+    return f" in a {style.palette} style"
+
+
 def described_caption(identity: Identity, style: Style, rng: np.random.Generator) -> str:
     """The ``described`` caption design: half of the time every identity attribute (:func:`describe_person`),
     otherwise 0-5 of them; the style in full, in part, or not at all. (Tried as a fine-tune of the shipped model,
@@ -352,22 +378,9 @@ def described_caption(identity: Identity, style: Style, rng: np.random.Generator
     if rng.random() < 0.5:
         subject = describe_person(identity)
     else:
-        phrases = [f"with {identity.hair} hair", f"with {identity.hairstyle} hair", f"with {identity.eyes} eyes",
-                   f"with {identity.skin} skin", f"with {_article(identity.face)} {identity.face} face"]
-        if identity.accessory != "none":
-            phrases.append(f"wearing {identity.accessory}")
-        n = int(rng.integers(0, len(phrases)))
-        picked = [phrases[i] for i in rng.permutation(len(phrases))[:n]]
-        subject = " ".join(["a person"] + picked)
-    r = rng.random()
-    if r < 0.15:
-        tail = ""
-    elif r < 0.65:
-        tail = f" in a {style.pattern} {style.palette} style"
-    elif r < 0.82:
-        tail = f" in a {style.pattern} style"
-    else:
-        tail = f" in a {style.palette} style"
+        phrases = _identity_phrases(identity)
+        subject = _some_phrases(phrases, int(rng.integers(0, len(phrases))), rng)
+    tail = _style_tail(style, rng.random(), (0.15, 0.65, 0.82))
     if tail and rng.random() < 0.4:
         tail += f" wearing a {style.clothes}"
     return f"{_PREFIXES[int(rng.integers(len(_PREFIXES)))]} {subject}{tail}"
@@ -378,22 +391,8 @@ CAPTIONS = {"alt-text": None, "described": described_caption}  # pretraining cap
 
 def caption(identity: Identity, style: Style, rng: np.random.Generator) -> str:
     """A caption that names some of the attributes (never all), like web alt-text."""
-    phrases = [f"with {identity.hair} hair", f"with {identity.hairstyle} hair", f"with {identity.eyes} eyes",
-               f"with {identity.skin} skin", f"with {'an' if identity.face[0] in 'aeiou' else 'a'} {identity.face} face"]
-    if identity.accessory != "none":
-        phrases.append(f"wearing {identity.accessory}")
-    n = int(rng.integers(0, 3))
-    picked = [phrases[i] for i in rng.permutation(len(phrases))[:n]]
-    subject = " ".join(["a person"] + picked)
-    r = rng.random()
-    if r < 0.3:
-        tail = ""
-    elif r < 0.65:
-        tail = f" in a {style.pattern} {style.palette} style"
-    elif r < 0.85:
-        tail = f" in a {style.pattern} style"
-    else:
-        tail = f" in a {style.palette} style"
+    subject = _some_phrases(_identity_phrases(identity), int(rng.integers(0, 3)), rng)
+    tail = _style_tail(style, rng.random(), (0.3, 0.65, 0.85))
     if rng.random() < 0.3:
         tail += f" wearing a {style.clothes}"
     return f"{_PREFIXES[int(rng.integers(len(_PREFIXES)))]} {subject}{tail}"
