@@ -85,7 +85,8 @@ def test_pretraining_dataset_cache_is_rebuilt_when_its_recipe_changes(tmp_path):
 
     from magicstudio.experiments.toyworld.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(vae_steps=2, ldm_steps=2, data_size=8, vae_batch=2, ldm_batch=2, checkpoint_every=10)
+    cfg = PretrainConfig(vae_steps=2, ldm_steps=2, data_size=8, vae_batch=2, ldm_batch=2, checkpoint_every=10,
+                         captions="alt-text")
     pretrain(tmp_path / "w", tmp_path / "d", cfg, progress=False, stages=("vae", "ldm"))
     meta = lambda: safe_open(str(tmp_path / "w" / "dataset.safetensors"), framework="pt").metadata()  # noqa: E731
     assert meta()["captions"] == "alt-text"
@@ -106,3 +107,72 @@ def test_attribute_prompt_tokens_are_in_the_stored_token_rows():
     for i in range(world.N_HELD_OUT):
         ids = tok(attribute_prompt(world.HELD_OUT_IDENTITIES[i], world.HELD_OUT_STYLES[i])).input_ids
         assert set(ids) <= stored
+
+
+def test_the_first_six_held_out_pairs_are_the_first_models_and_twelve_are_never_drawn():
+    """The held-out set grew to 12 pairs; the first six must stay those the first shipped model excluded (its figures
+    and the demo's pair 0 refer to them), and pretraining must draw none of the twelve."""
+    assert world.N_HELD_OUT == 12
+    assert world.HELD_OUT_IDENTITIES[0].describe() == "round face, dark skin, blonde short hair, grey eyes, glasses"
+    assert world.HELD_OUT_IDENTITIES[5].describe() == "oval face, light skin, blue bun hair, brown eyes, glasses"
+    assert world.HELD_OUT_STYLES[0].describe() == "checkered teal background, shirt"
+    assert world.HELD_OUT_STYLES[5].describe() == "dotted pink background, shirt"
+    rng = np.random.default_rng(4)
+    drawn_ids = {world.random_identity(rng) for _ in range(3000)}
+    drawn_styles = {world.random_style(rng) for _ in range(3000)}
+    assert not drawn_ids & set(world.HELD_OUT_IDENTITIES)
+    assert not drawn_styles & set(world.HELD_OUT_STYLES)
+    assert len(drawn_styles) == 6 * 6 * 3 - 12  # every other style does occur
+
+
+def test_the_collared_shirt_is_visible_below_the_head_window():
+    """The style encoder never sees the head window, where the collar is; the shirt's placket must tell a collared
+    shirt from a plain one below it (the first world's style encoder read clothes at 0.40)."""
+    ident = world.HELD_OUT_IDENTITIES[0]
+    below = slice(world.HEAD_WINDOW[0].stop, None)
+    pics = {c: world.render(ident, world.Style("plain", "teal", c), jitter=False).image[below].astype(int)
+            for c in world.CLOTHES}
+    assert np.abs(pics["collared shirt"] - pics["shirt"]).max() > 100
+    assert np.abs(pics["collared shirt"] - pics["suit"]).max() > 100
+
+
+def test_offset_noise_gives_each_picture_and_channel_its_own_mean():
+    import torch
+
+    from magicstudio.experiments.toyworld.pretrain import training_noise
+
+    g = torch.Generator().manual_seed(0)
+    plain = training_noise((512, 4, 16, 16), 0.0, g)
+    offset = training_noise((512, 4, 16, 16), 0.1, g)
+    # spatial means: std 1/16 for white noise, sqrt(0.1^2 + 1/256) = 0.118 with the offset
+    assert plain.mean((2, 3)).std().item() == pytest.approx(1 / 16, rel=0.1)
+    assert offset.mean((2, 3)).std().item() == pytest.approx((0.01 + 1 / 256) ** 0.5, rel=0.1)
+    assert offset.std().item() == pytest.approx((1 + 0.01) ** 0.5, rel=0.02)
+
+
+def test_vae_loss_weights_face_above_head_above_background():
+    from magicstudio.experiments.toyworld.pretrain import PretrainConfig, vae_pixel_weight
+
+    p = world.render(world.HELD_OUT_IDENTITIES[1], world.HELD_OUT_STYLES[1], jitter=False)
+    cfg = PretrainConfig(vae_head_weight=4.0, vae_face_weight=8.0)
+    w = vae_pixel_weight([p.masks["head"]], [p.masks["face"]], cfg)[0, 0].numpy()
+    face, head = p.masks["face"] > 0, p.masks["head"] > 0
+    assert np.allclose(w[face], 13.0) and np.allclose(w[head & ~face], 5.0) and np.allclose(w[~head], 1.0)
+
+
+def test_model_files_record_their_text_width_and_held_out_pairs(tmp_path):
+    """A new model is 128 wide and never saw 12 pairs; the first model's file (no such metadata) loads 64 wide with 6,
+    and the table refuses pairs the model in use saw in pretraining."""
+    from magicstudio.errors import UserError
+    from magicstudio.models import toyworld as tw
+
+    comps = tw.build_toyworld(seed=0, text_width=128)
+    path = tw.save_toyworld(comps, tmp_path / "ldm.safetensors", [320, 49406, 49407])
+    loaded = tw.load_toyworld(path)
+    assert loaded.text_encoder.config.hidden_size == 128 and loaded.unet.config.cross_attention_dim == 128
+    assert tw.held_out_pairs(path) == 12 and loaded.extra["held_out"] == 12
+    first = tw.toyworld_weights()
+    if first.is_file() and tw.held_out_pairs(first) == 6:
+        assert tw.load_toyworld(first).text_encoder.config.hidden_size == 64
+        with pytest.raises(UserError, match="never saw"):
+            T.run_table(tmp_path / "t", n_pairs=7, quick=True, progress=False)

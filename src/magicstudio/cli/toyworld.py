@@ -31,12 +31,18 @@ def pretrain(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue the text-to-image stage from this "
                                              "toy-world model file's UNet and text encoder instead of from scratch."),
     ldm_lr: Optional[float] = typer.Option(None, "--ldm-lr", help="Peak learning rate of the text-to-image stage."),
-    captions: str = typer.Option("alt-text", "--captions", help="Caption design: alt-text (0-2 attributes named, the "
-                                 "shipped model) or described (half of the captions name every attribute)."),
-    ldm_head_weight: float = typer.Option(0.0, "--ldm-head-weight", help="Weight head latents 1 + this in the "
-                                          "text-to-image loss (0: plain MSE, the shipped model)."),
+    captions: str = typer.Option("described", "--captions", help="Caption design: described (half of the captions "
+                                 "name every attribute; the shipped model) or alt-text (0-2 attributes named)."),
+    ldm_head_weight: float = typer.Option(3.0, "--ldm-head-weight", help="Weight head latents 1 + this in the "
+                                          "text-to-image loss (0: plain MSE)."),
+    offset_noise: float = typer.Option(0.1, "--offset-noise", help="Std of the per-picture, per-channel constant "
+                                       "added to the training noise (0: none, the first model)."),
+    vae_face_weight: float = typer.Option(8.0, "--vae-face-weight", help="Extra loss weight of face pixels in the "
+                                          "autoencoder stage (0: the first model)."),
     vae_from: Optional[Path] = typer.Option(None, "--vae-from", help="Reuse the VAE of this toy-world model file "
                                             "(e.g. the packaged ldm.safetensors) instead of training stage 1."),
+    vae_init: Optional[Path] = typer.Option(None, "--vae-init", help="Start stage 1 from the VAE of this toy-world "
+                                            "model file (then train --vae-steps more) instead of from scratch."),
 ) -> None:
     """Train the toy LDM (VAE, then UNet + text encoder) and the toy identity/face/style encoders from scratch
     (about an hour on 2 CPU cores). Re-running resumes."""
@@ -59,15 +65,20 @@ def pretrain(
 
     if captions not in CAPTIONS:
         raise UserError(f"unknown --captions {captions!r}; use {' or '.join(CAPTIONS)}")
-    if ldm_head_weight < 0:
-        raise UserError("--ldm-head-weight must be 0 or more")
+    for flag, value in (("--ldm-head-weight", ldm_head_weight), ("--offset-noise", offset_noise),
+                        ("--vae-face-weight", vae_face_weight)):
+        if not value >= 0:
+            raise UserError(f"{flag} must be 0 or more")
     cfg.captions, cfg.ldm_head_weight = captions, ldm_head_weight
+    cfg.offset_noise, cfg.vae_face_weight = offset_noise, vae_face_weight
     if init_from is not None:
         cfg.ldm_init = str(init_from.expanduser())
     if ldm_lr is not None:
         if not ldm_lr > 0:
             raise UserError("--ldm-lr must be positive")
         cfg.ldm_lr = ldm_lr
+    if vae_init is not None:
+        cfg.vae_init = str(vae_init.expanduser())
     if vae_from is not None:
         take_vae(vae_from.expanduser(), work.expanduser())
     summary = run(work.expanduser(), dest.expanduser() if dest else None, cfg, stages=stages)
@@ -78,7 +89,8 @@ def pretrain(
 @toyworld_app.command("table")
 def table(
     out: Path = typer.Option(Path("toyworld-table"), "--out", "-o", help="Experiment folder (resumable)."),
-    pairs: int = typer.Option(6, "--pairs", help="How many held-out (identity, style) pairs (1-6)."),
+    pairs: Optional[int] = typer.Option(None, "--pairs", help="How many held-out (identity, style) pairs (default: "
+                                        "all the toy model never saw; 6 for the first model, 12 after)."),
     methods: str = typer.Option(",".join(("magicapture", "magicapture-no-ar-cp", "dreambooth", "textual-inversion",
                                           "custom-diffusion")), "--methods", help="Comma-separated methods."),
     images: int = typer.Option(8, "--images", help="Generated images per pair and method."),

@@ -6,7 +6,7 @@ pattern, a palette and a kind of clothing (with a random pattern phase per pictu
 its face / head / person masks and the five ArcFace landmarks, so the world needs no face detector, and with a
 caption in Stable-Diffusion-like language ("a portrait of a person with red hair in a dotted teal style").
 
-Six identities and six styles are **held out**: pretraining never draws them (as whole combinations; every
+Twelve identities and twelve styles are **held out**: pretraining never draws them (as whole combinations; every
 single attribute value does occur), and they are what the toy experiment personalises. ``write_concept_set``
 writes a set of pictures as a ``magicstudio prepare`` folder (images, masks, manifest with landmarks), which
 every method trains on directly.
@@ -82,9 +82,10 @@ class Style:
         return f"{self.pattern} {self.palette} background, {self.clothes}"
 
 
-def _combos(attrs: dict, rng: np.random.Generator, n: int) -> list[tuple]:
+def _combos(attrs: dict, rng: np.random.Generator, n: int, picked: list[tuple] | None = None) -> list[tuple]:
+    """``n`` distinct random attribute combinations (continuing ``picked``)."""
     sizes = [len(v) for v in attrs.values()]
-    picked: list[tuple] = []
+    picked = list(picked or [])
     while len(picked) < n:
         c = tuple(int(rng.integers(s)) for s in sizes)
         if c not in picked:
@@ -92,15 +93,18 @@ def _combos(attrs: dict, rng: np.random.Generator, n: int) -> list[tuple]:
     return picked
 
 
-N_HELD_OUT = 6  # (identity, style) pairs the toy experiments personalise (the shipped model excludes exactly these)
+N_HELD_OUT = 12  # (identity, style) pairs the toy experiments personalise (the shipped model excludes exactly these)
 
 
 def _held_out() -> tuple[list[Identity], list[Style]]:
+    """The held-out people and styles: the first six are the ones of the first shipped model (drawn in the same
+    order), the next six were added with the second."""
     rng = np.random.default_rng(20240917)
-    ids = [Identity(*[v[i] for v, i in zip(IDENTITY_ATTRS.values(), c)])
-           for c in _combos(IDENTITY_ATTRS, rng, N_HELD_OUT)]
-    styles = [Style(*[v[i] for v, i in zip(STYLE_ATTRS.values(), c)]) for c in _combos(STYLE_ATTRS, rng, N_HELD_OUT)]
-    return ids, styles
+    ids = _combos(IDENTITY_ATTRS, rng, 6)
+    styles = _combos(STYLE_ATTRS, rng, 6)
+    ids, styles = _combos(IDENTITY_ATTRS, rng, N_HELD_OUT, ids), _combos(STYLE_ATTRS, rng, N_HELD_OUT, styles)
+    return ([Identity(*[v[i] for v, i in zip(IDENTITY_ATTRS.values(), c)]) for c in ids],
+            [Style(*[v[i] for v, i in zip(STYLE_ATTRS.values(), c)]) for c in styles])
 
 
 HELD_OUT_IDENTITIES, HELD_OUT_STYLES = _held_out()
@@ -223,6 +227,11 @@ def render(identity: Identity, style: Style, rng: np.random.Generator | None = N
         for sgn in (-1, 1):
             d.polygon([(cx, top + 0.16 * s), (cx + sgn * 0.11 * s, top + 0.03 * s), (cx + sgn * 0.13 * s, top + 0.12 * s)],
                       fill=(245, 245, 245))
+        # the button placket runs down to the bottom edge, so the shirt is told apart below the head window too
+        d.rectangle([cx - 0.018 * s, top + 0.14 * s, cx + 0.018 * s, s], fill=(245, 245, 245))
+        for k in range(1, 5):
+            y = top + 0.14 * s + k * (s - top - 0.14 * s) / 5
+            d.ellipse([cx - 0.01 * s, y - 0.01 * s, cx + 0.01 * s, y + 0.01 * s], fill=(60, 60, 60))
     elif style.clothes == "suit":
         d.polygon([(cx - 0.07 * s, top + 0.05 * s), (cx + 0.07 * s, top + 0.05 * s), (cx, s + 2)], fill=(245, 245, 245))
         d.polygon([(cx - 0.015 * s, top + 0.07 * s), (cx + 0.015 * s, top + 0.07 * s), (cx + 0.02 * s, s),
@@ -398,11 +407,11 @@ def caption(identity: Identity, style: Style, rng: np.random.Generator) -> str:
     return f"{_PREFIXES[int(rng.integers(len(_PREFIXES)))]} {subject}{tail}"
 
 
-def pretraining_batch(rng: np.random.Generator, n: int, masks: list | None = None, captions: str = "alt-text"
-                      ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+def pretraining_batch(rng: np.random.Generator, n: int, masks: list | None = None, captions: str = "alt-text",
+                      faces: list | None = None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """``n`` pretraining pictures: images uint8 [n, 64, 64, 3], captions (design ``captions``: a key of
-    :data:`CAPTIONS`), identity labels [n, 6], style labels [n, 3] (``masks``: a list that receives each picture's
-    head mask)."""
+    :data:`CAPTIONS`), identity labels [n, 6], style labels [n, 3] (``masks`` / ``faces``: lists that receive each
+    picture's head / face mask)."""
     make_caption = CAPTIONS[captions] or caption
     imgs, caps, ids, sts = [], [], [], []
     for _ in range(n):
@@ -411,6 +420,8 @@ def pretraining_batch(rng: np.random.Generator, n: int, masks: list | None = Non
         imgs.append(p.image)
         if masks is not None:
             masks.append(p.masks["head"])
+        if faces is not None:
+            faces.append(p.masks["face"])
         caps.append(make_caption(ident, style, rng))
         ids.append(ident.labels())
         sts.append(style.labels())

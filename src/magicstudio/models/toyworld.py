@@ -49,7 +49,7 @@ UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     block_out_channels=(32, 48, 64, 64),
     layers_per_block=1,
-    cross_attention_dim=64,
+    cross_attention_dim=64,  # = the text width (set by build_toyworld)
     attention_head_dim=4,
     norm_num_groups=16,
 )
@@ -67,7 +67,7 @@ VAE_CONFIG = dict(
 )
 TEXT_CONFIG = dict(
     vocab_size=49408,
-    hidden_size=64,
+    hidden_size=64,  # the first model's text width; build_toyworld(text_width=...) sets it
     intermediate_size=256,
     num_hidden_layers=3,
     num_attention_heads=4,
@@ -78,27 +78,34 @@ TEXT_CONFIG = dict(
     projection_dim=64,
 )
 EMBEDDING_INIT_STD = 0.02
+TEXT_WIDTH = 128  # text-encoder width (= the UNet's cross-attention width) of newly pretrained models
+FIRST_TEXT_WIDTH, FIRST_HELD_OUT = 64, 6  # model files without this metadata (the first shipped model)
 
 
-def initial_token_embedding(seed: int = 0) -> torch.Tensor:
+def text_config(width: int = TEXT_WIDTH) -> dict:
+    """:data:`TEXT_CONFIG` at text width ``width`` (4 heads, MLP 4x)."""
+    return {**TEXT_CONFIG, "hidden_size": width, "intermediate_size": 4 * width, "projection_dim": width}
+
+
+def initial_token_embedding(seed: int = 0, width: int = TEXT_WIDTH) -> torch.Tensor:
     """The token table before training, from numpy's PCG64 (identical on every platform and torch version)."""
     rng = np.random.default_rng(seed)
-    table = rng.standard_normal((TEXT_CONFIG["vocab_size"], TEXT_CONFIG["hidden_size"]), dtype=np.float32)
+    table = rng.standard_normal((TEXT_CONFIG["vocab_size"], width), dtype=np.float32)
     return torch.from_numpy(table * EMBEDDING_INIT_STD)
 
 
-def build_toyworld(seed: int = 0, scaling_factor: float = 1.0) -> Components:
+def build_toyworld(seed: int = 0, scaling_factor: float = 1.0, text_width: int = TEXT_WIDTH) -> Components:
     """The toy LDM with fresh weights (the starting point of pretraining)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
+        unet = UNet2DConditionModel(**{**UNET_CONFIG, "cross_attention_dim": text_width})
         vae = AutoencoderKL(**{**VAE_CONFIG, "scaling_factor": scaling_factor})
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(text_width)))
     with torch.no_grad():
-        text_encoder.get_input_embeddings().weight.copy_(initial_token_embedding(seed))
+        text_encoder.get_input_embeddings().weight.copy_(initial_token_embedding(seed, text_width))
     for m in (unet, vae, text_encoder):
         m.eval()
     return Components(tokenizer=load_clip_tokenizer(), text_encoder=text_encoder, vae=vae, unet=unet,
@@ -111,7 +118,8 @@ def save_toyworld(comps: Components, path: str | os.PathLike, used_token_ids: li
     equal :func:`initial_token_embedding`, which is checked)."""
     ids = torch.tensor(sorted(set(used_token_ids)), dtype=torch.long)
     table = comps.text_encoder.get_input_embeddings().weight.detach().float()
-    init = initial_token_embedding(seed)
+    width = table.shape[1]
+    init = initial_token_embedding(seed, width)
     keep = torch.ones(len(table), dtype=torch.bool)
     keep[ids] = False
     if not torch.equal(table[keep], init[keep]):
@@ -124,14 +132,27 @@ def save_toyworld(comps: Components, path: str | os.PathLike, used_token_ids: li
             state[prefix + k] = v.detach().to(torch.float16).contiguous()
     state["token_rows.ids"] = ids
     state["token_rows.values"] = table[ids].to(torch.float16).contiguous()
+    from ..data.toyworld import N_HELD_OUT
+
     return save_tensors(path, state, metadata={"format": "magicstudio-toyworld-ldm", "seed": str(seed),
-                                               "scaling_factor": repr(float(comps.vae.config.scaling_factor))})
+                                               "scaling_factor": repr(float(comps.vae.config.scaling_factor)),
+                                               "text_width": str(width), "held_out": str(N_HELD_OUT)})
 
 
 def toyworld_weights(name: str = LDM_FILE) -> Path:
     """Where the toy world's trained weights are (``$MAGICSTUDIO_TOYWORLD`` overrides the packaged folder)."""
     root = Path(os.environ.get("MAGICSTUDIO_TOYWORLD", ASSETS))
     return root / name
+
+
+def held_out_pairs(path: str | os.PathLike | None = None) -> int:
+    """How many of the world's held-out (identity, style) pairs the model file never saw in pretraining (the
+    first ``held_out`` of ``data.toyworld.HELD_OUT_*``; read from its metadata, without loading the weights)."""
+    from safetensors import safe_open
+
+    path = Path(path) if path else toyworld_weights()
+    with safe_open(str(path), framework="pt") as f:
+        return int((f.metadata() or {}).get("held_out", FIRST_HELD_OUT))
 
 
 def load_toyworld(path: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> Components:
@@ -147,7 +168,8 @@ def load_toyworld(path: str | os.PathLike | None = None, dtype: torch.dtype | No
     if meta.get("format") != "magicstudio-toyworld-ldm":
         raise UserError(f"{path} is not a toy-world model file")
     seed = int(meta.get("seed", 0))
-    comps = build_toyworld(seed, float(meta.get("scaling_factor", 1.0)))
+    width = int(meta.get("text_width", FIRST_TEXT_WIDTH))
+    comps = build_toyworld(seed, float(meta.get("scaling_factor", 1.0)), width)
     for prefix, module in (("unet.", comps.unet), ("vae.", comps.vae), ("text_encoder.", comps.text_encoder)):
         sub = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
         missing, unexpected = module.load_state_dict(sub, strict=False)
@@ -157,7 +179,8 @@ def load_toyworld(path: str | os.PathLike | None = None, dtype: torch.dtype | No
     with torch.no_grad():
         comps.text_encoder.get_input_embeddings().weight[state["token_rows.ids"]] = state["token_rows.values"].float()
     comps.source = str(path)
-    comps.extra = {"seed": seed, "toyworld": True}
+    # how many of data.toyworld's held-out pairs this model never saw (the first model: the first six)
+    comps.extra = {"seed": seed, "toyworld": True, "held_out": int(meta.get("held_out", FIRST_HELD_OUT))}
     return comps.to(dtype=dtype) if dtype is not None else comps
 
 

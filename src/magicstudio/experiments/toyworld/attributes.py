@@ -35,9 +35,10 @@ def attribute_accuracy(n_prompts: int = 24, images_per_prompt: int = 2, steps: i
     nets = load_toy_encoders()
     readers = {"identity": ToyEmbedder("identity", nets["identity"]), "style": ToyEmbedder("style", nets["style"])}
     rng = np.random.default_rng([seed, 11])
+    unseen = min(world.N_HELD_OUT, comps.extra.get("held_out", world.N_HELD_OUT))  # the pairs this model never saw
     sets = {
         "held-in": [(world.random_identity(rng), world.random_style(rng)) for _ in range(n_prompts)],
-        "held-out": [(world.HELD_OUT_IDENTITIES[i % world.N_HELD_OUT], world.HELD_OUT_STYLES[(i * 5 + 1) % world.N_HELD_OUT])
+        "held-out": [(world.HELD_OUT_IDENTITIES[i % unseen], world.HELD_OUT_STYLES[(i * 5 + 1) % unseen])
                      for i in range(n_prompts)],
     }
     attrs = {"identity": list(world.IDENTITY_ATTRS), "style": list(world.STYLE_ATTRS)}

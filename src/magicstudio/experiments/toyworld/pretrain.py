@@ -38,15 +38,17 @@ from ...training.state import load_state, save_state
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    vae_steps: int = 2200
+    vae_steps: int = 4000
     vae_head_weight: float = 4.0  # the faces' few-pixel details (eyes, glasses) matter most: weight head pixels 5x
+    vae_face_weight: float = 8.0  # and face pixels (eyes, glasses, earrings nearby) 13x (0: the first model's VAE)
     vae_lr: float = 2e-3
     vae_batch: int = 32
     ldm_steps: int = 7000
     ldm_lr: float = 1e-3
     ldm_batch: int = 32
-    ldm_head_weight: float = 0.0  # > 0: head latents weighted 1 + this in the loss (the identity's few pixels)
-    captions: str = "alt-text"  # caption design (data.toyworld.CAPTIONS): "alt-text" (the shipped model) or "described"
+    ldm_head_weight: float = 3.0  # > 0: head latents weighted 1 + this in the loss (the identity's few pixels)
+    offset_noise: float = 0.1  # per-picture, per-channel constant added to the noise: colours follow the prompt
+    captions: str = "described"  # caption design (data.toyworld.CAPTIONS): "described" or "alt-text" (first model)
     ema: float = 0.999
     cond_drop: float = 0.1
     data_size: int = 40000
@@ -55,6 +57,7 @@ class PretrainConfig:
     encoder_batch: int = 64
     checkpoint_every: int = 250
     ldm_init: str = ""  # continue from this toy-world model file's UNet and text encoder ("": from scratch)
+    vae_init: str = ""  # start the autoencoder stage from this toy-world model file's VAE ("": from scratch)
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -78,6 +81,25 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def vae_pixel_weight(heads: list, faces: list, cfg: PretrainConfig) -> torch.Tensor:
+    """Per-pixel weight [n, 1, 64, 64] of the autoencoder loss: 1, plus ``vae_head_weight`` on the head, plus
+    ``vae_face_weight`` on the face (eye colour and glasses are a few pixels each)."""
+    head = torch.from_numpy(np.stack(heads) / 255.0).float()[:, None]
+    face = torch.from_numpy(np.stack(faces) / 255.0).float()[:, None]
+    return 1.0 + cfg.vae_head_weight * head + cfg.vae_face_weight * face
+
+
+def training_noise(shape: tuple, offset: float, gen: torch.Generator) -> torch.Tensor:
+    """The text-to-image stage's noise: N(0, 1) plus ``offset`` x one N(0, 1) constant per picture and channel
+    ("offset noise"). Without it the model learns that at t=T the noise's spatial mean still carries the picture's
+    mean colour, and at sampling time takes the colour from the initial noise instead of from the prompt (the first
+    toy model drew the palette at chance level)."""
+    noise = torch.randn(shape, generator=gen)
+    if offset:
+        noise = noise + offset * torch.randn(tuple(shape[:2]) + (1,) * (len(shape) - 2), generator=gen)
+    return noise
+
+
 def train_vae(vae, cfg: PretrainConfig, work: Path, progress: bool) -> None:
     ckpt = work / "vae-ckpt"
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
@@ -96,8 +118,9 @@ def train_vae(vae, cfg: PretrainConfig, work: Path, progress: bool) -> None:
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * _cosine_lr(step, cfg.vae_steps)
         heads: list = []
-        x = _to_tensor(world.pretraining_batch(rng, cfg.vae_batch, heads)[0])
-        weight = 1.0 + cfg.vae_head_weight * torch.from_numpy(np.stack(heads) / 255.0).float()[:, None]
+        faces: list = []
+        x = _to_tensor(world.pretraining_batch(rng, cfg.vae_batch, heads, faces=faces)[0])
+        weight = vae_pixel_weight(heads, faces, cfg)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         err = rec - x
@@ -200,7 +223,7 @@ def train_ldm(comps, cfg: PretrainConfig, work: Path, progress: bool) -> dict[st
         drop = torch.rand(cfg.ldm_batch, generator=gen) < cfg.cond_drop
         ids[drop] = empty
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.ldm_batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
+        noise = training_noise(z0.shape, cfg.offset_noise, gen)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(zt, t, te(ids)[0]).sample
@@ -313,13 +336,22 @@ def train_encoders(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, tw.At
 def vae_from(model_file: str | Path, work: str | Path) -> Path:
     """Take the VAE of an existing toy-world model file as stage 1's result (``WORK/vae.safetensors``), so a new
     text-to-image stage can be trained without re-training the autoencoder."""
-    src = Path(model_file)
-    if not src.is_file():
-        raise UserError(f"--vae-from: {src} is not a file")
-    comps = tw.load_toyworld(src)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    return save_tensors(work / "vae.safetensors", {k: v.float().contiguous() for k, v in comps.vae.state_dict().items()})
+    return save_tensors(work / "vae.safetensors", vae_state(model_file, "--vae-from"))
+
+
+def vae_state(model_file: str | Path, flag: str) -> dict[str, torch.Tensor]:
+    """The VAE weights (fp32) of a toy-world model file (of any text-encoder width)."""
+    from safetensors import safe_open
+
+    src = Path(model_file)
+    if not src.is_file():
+        raise UserError(f"{flag}: {src} is not a file")
+    with safe_open(str(src), framework="pt") as f:
+        if (f.metadata() or {}).get("format") != "magicstudio-toyworld-ldm":
+            raise UserError(f"{flag}: {src} is not a toy-world model file")
+        return {k[4:]: f.get_tensor(k).float().contiguous() for k in f.keys() if k.startswith("vae.")}
 
 
 def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConfig | None = None,
@@ -337,11 +369,14 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
     torch.manual_seed(cfg.seed)
     summary: dict = {"config": asdict(cfg), "threads": torch.get_num_threads()}
     t_all = time.time()
-    comps = tw.build_toyworld(cfg.seed)
     if cfg.ldm_init:
         if not Path(cfg.ldm_init).is_file():
             raise UserError(f"--init-from: {cfg.ldm_init} is not a file")
         start = tw.load_toyworld(cfg.ldm_init)
+        comps = tw.build_toyworld(cfg.seed, text_width=start.text_encoder.config.hidden_size)
+    else:
+        comps = tw.build_toyworld(cfg.seed)
+    if cfg.ldm_init:
         comps.unet.load_state_dict(start.unet.state_dict())
         comps.text_encoder.load_state_dict(start.text_encoder.state_dict())
     vae_file = work / "vae.safetensors"
@@ -351,7 +386,9 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
 
             comps.vae.load_state_dict(load_file(str(vae_file)))
         else:
-            _say(f"1/3 VAE ({cfg.vae_steps} steps)", progress)
+            if cfg.vae_init:
+                comps.vae.load_state_dict(vae_state(cfg.vae_init, "--vae-init"))
+            _say(f"1/3 VAE ({cfg.vae_steps} steps{', from ' + cfg.vae_init if cfg.vae_init else ''})", progress)
             t0 = time.time()
             train_vae(comps.vae, cfg, work, progress)
             summary["vae_s"] = round(time.time() - t0)
@@ -373,7 +410,7 @@ def pretrain(work: str | Path, dest: str | Path | None = None, cfg: PretrainConf
             ids = used_token_ids(comps.tokenizer)
             keep = torch.ones(len(table), dtype=torch.bool)
             keep[ids] = False
-            table[keep] = tw.initial_token_embedding(cfg.seed)[keep]
+            table[keep] = tw.initial_token_embedding(cfg.seed, table.shape[1])[keep]
         summary["ldm_file"] = str(tw.save_toyworld(comps, dest / tw.LDM_FILE, ids, cfg.seed))
     if "encoders" in stages:
         _say(f"3/3 toy identity, face and style encoders ({cfg.identity_encoder_steps} / {cfg.encoder_steps} / "

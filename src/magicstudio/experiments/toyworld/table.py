@@ -284,7 +284,7 @@ def compare(a: dict[str, list[float]], b: dict[str, list[float]], higher_is_bett
     return {"diff": float(np.mean(d)), "ci": (lo, hi), "pairs": len(common), "verdict": verdict}
 
 
-def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] = DEFAULT_METHODS,
+def run_table(out: str | Path, n_pairs: int | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
               images: int = 8, steps: int = 25, guidance: float = 5.0, seed: int = 0, quick: bool = False,
               progress: bool = True, extra: dict[str, dict] | None = None) -> dict:
     """Run (or resume) the toy experiment and write ``table.md`` / ``table.json`` / grids into ``out``.
@@ -292,18 +292,21 @@ def run_table(out: str | Path, n_pairs: int = N_PAIRS, methods: tuple[str, ...] 
     ``extra``: settings on top of the toy ones, keyed ``"*"`` (every method), a method name, or ``"magicapture"``
     (MagiCapture and its ablations), e.g. ``{"magicapture": {"lora_lr": 5e-4}}`` (``--set magicapture.lora_lr=5e-4``).
     """
-    from ...models.toyworld import toyworld_weights, ENCODERS_FILE
+    from ...models.toyworld import ENCODERS_FILE, held_out_pairs, toyworld_weights
     from ...methods import METHODS
     from ..bench import BenchSettings, run_bench
 
-    if not 1 <= n_pairs <= N_PAIRS:
-        raise UserError(f"--pairs must be between 1 and {N_PAIRS} (the held-out identities and styles)")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     for f in (toyworld_weights(), toyworld_weights(ENCODERS_FILE)):
         if not f.is_file():
             raise UserError(f"the toy world is not trained yet ({f} missing): run `magicstudio toyworld pretrain`")
+    unseen = min(N_PAIRS, held_out_pairs())  # a pair the model saw in pretraining would flatter every method
+    if n_pairs is None:
+        n_pairs = unseen
+    if not 1 <= n_pairs <= unseen:
+        raise UserError(f"--pairs must be between 1 and {unseen} (the held-out pairs the toy model in use never saw)")
     out = Path(out)
     t0 = time.time()
     pairs = write_pairs(out, list(range(n_pairs)))
